@@ -1,0 +1,1 @@
+"""Benchmarks: kernel microbenchmarks (pytest-benchmark) and end-to-end policy throughput."""

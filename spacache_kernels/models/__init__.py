@@ -1,0 +1,1 @@
+"""Model adapters (LLaDA, Dream, Llama-family) and the cached-step runtime."""

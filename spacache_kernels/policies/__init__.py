@@ -1,0 +1,1 @@
+"""Caching policies: per step and per layer, what to refresh and which tokens to recompute."""
