@@ -60,7 +60,6 @@ def measured_peaks() -> dict:
     a = torch.randn(m, m, device=DEVICE, dtype=DTYPE)
     b = torch.randn(m, m, device=DEVICE, dtype=DTYPE)
     gemm_s = median_seconds(lambda: a @ b)
-    del src, dst, a, b
     return {"bandwidth": 2 * n_bytes / copy_s, "flops": 2 * m**3 / gemm_s, "gemm_dtype": str(DTYPE)}
 
 

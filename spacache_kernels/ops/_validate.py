@@ -37,7 +37,7 @@ def check_tensor(
     if shape is not None:
         want = tuple(shape)
         if len(want) != value.dim() or any(w is not None and w != s for w, s in zip(want, value.shape)):
-            shown = tuple("*" if w is None else w for w in want)
+            shown = "(" + ", ".join("*" if w is None else str(w) for w in want) + ")"
             raise ValueError(f"{name}: expected shape {shown}, got {tuple(value.shape)}")
     return value
 

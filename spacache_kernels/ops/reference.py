@@ -26,8 +26,12 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor, eps: float = COS_EPS) -> torch
 
 
 def bottom_k_sorted(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` lowest scores per row, ascending by position: ``(B, L) -> (B, k)`` int64."""
-    idx = torch.topk(scores, k, dim=-1, largest=False, sorted=False).indices
+    """Indices of the ``k`` lowest scores per row, ascending by position: ``(B, L) -> (B, k)`` int64.
+
+    A stable sort makes ties go to the lower position (``torch.topk`` leaves tie order unspecified),
+    the same rule the Triton selection kernel follows, so both backends pick identical rows.
+    """
+    idx = scores.sort(dim=-1, stable=True).indices[:, :k]
     return idx.sort(dim=-1).values
 
 
