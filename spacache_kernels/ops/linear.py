@@ -1,0 +1,209 @@
+"""Public gather-GEMM ops: ``gather_linear`` (optional bias and RoPE) and ``gather_swiglu``.
+
+Validate, pick a backend (``backend="auto" | "triton" | "torch"``, see
+:mod:`spacache_kernels.ops._dispatch`), then run the reference (torch) or, on the triton backend, one
+of two implementations chosen by ``impl``:
+
+* ``"fused"``: the Triton gather GEMM (:mod:`spacache_kernels.kernels.gather_linear`), which reads the
+  selected rows through ``idx`` and applies bias / RoPE / SwiGLU in its epilogue.
+* ``"torch_gather"``: ``index_select`` of the rows (:func:`index_select_rows`), then cuBLAS
+  (``torch.nn.functional.linear``) in the input dtype, then RoPE through the standalone Triton kernel
+  / SwiGLU in torch. For few rows the op is bound by reading the weight and this baseline is strong
+  (DESIGN.md section 7).
+* ``"auto"``: :data:`AUTO_TORCH_GATHER_MAX_ROWS` decides. It is ``None`` (always "fused") because no
+  GPU was available to measure the crossover; set it from ``bench/test_bench_gather_linear.py`` on
+  the target GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spacache_kernels.ops import reference
+from spacache_kernels.ops._dispatch import resolve_backend
+from spacache_kernels.ops._validate import (
+    check_float,
+    check_index,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
+from spacache_kernels.ops.rope import check_rope_tables
+
+IMPLS = ("auto", "fused", "torch_gather")
+# impl="auto" picks "torch_gather" when B*k is at most this many rows; None = always "fused".
+# Unmeasured: must be set from GPU benchmarks (see the module docstring).
+AUTO_TORCH_GATHER_MAX_ROWS: int | None = None
+
+
+def index_select_rows(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    """``x[b, idx[b, j]]`` (B, k, d) by one ``index_select`` over the flattened (B*L, d) rows.
+
+    The materialized gather of the "torch_gather" baseline: a single contiguous copy, cheaper than
+    ``torch.gather`` with an index expanded over d. Falls back to ``torch.gather`` when x's strides
+    do not allow the flattening view.
+    """
+    if idx is None:
+        return x
+    n_batch, length, d = x.shape
+    try:
+        flat = x.view(n_batch * length, d)
+    except RuntimeError:
+        return reference.gather_rows(x, idx)
+    offsets = idx.long() + torch.arange(n_batch, device=x.device).mul_(length).unsqueeze(1)
+    return flat.index_select(0, offsets.flatten()).view(n_batch, idx.shape[1], d)
+
+
+def _check_impl(impl) -> str:
+    if not isinstance(impl, str) or impl not in IMPLS:
+        raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _resolve_impl(impl: str, n_rows: int) -> str:
+    if impl != "auto":
+        return impl
+    if AUTO_TORCH_GATHER_MAX_ROWS is not None and n_rows <= AUTO_TORCH_GATHER_MAX_ROWS:
+        return "torch_gather"
+    return "fused"
+
+
+def _check_rows(x, idx, check_indices: bool) -> tuple[int, int, int, int]:
+    """x (B, L, d) float and idx (B, k) int in [0, L) (repeats allowed) or None; returns (B, L, d, k)."""
+    check_float("x", x, ndim=3)
+    n_batch, length, d = x.shape
+    if idx is None:
+        return n_batch, length, d, length
+    check_index("idx", idx, batch=n_batch, length=length, check_values=check_indices, unique=False)
+    return n_batch, length, d, idx.shape[1]
+
+
+def _check_rope(rope, positions, idx, *, n: int, n_batch: int, length: int, k: int, check_indices: bool):
+    """Validate the RoPE arguments; returns ``(cos, sin)`` or None."""
+    if rope is None:
+        if positions is not None:
+            raise ValueError("positions: given without rope; positions only place the RoPE rotation")
+        return None
+    if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+        raise TypeError(f"rope: expected a (cos, sin) pair of (P, Dh) tensors, got {type(rope).__name__}")
+    cos, sin = rope
+    n_pos, head_dim = check_rope_tables(cos, sin, cos_name="rope[0]", sin_name="rope[1]")
+    if n % head_dim:
+        raise ValueError(f"rope: expected the head dim Dh = {head_dim} to divide the output width n = {n}")
+    if positions is not None:
+        check_index(
+            "positions",
+            positions,
+            batch=n_batch,
+            length=n_pos,
+            count=k,
+            check_values=check_indices,
+            unique=False,
+        )
+    elif idx is None:
+        # Positions default to arange(L): a shape fact, checked without reading anything back.
+        if length > n_pos:
+            raise ValueError(
+                f"rope: positions default to arange(L) = 0..{length - 1} but the tables have P = {n_pos} rows"
+            )
+    elif check_indices and idx.numel() and int(idx.max()) >= n_pos:
+        raise ValueError(
+            f"idx: used as the RoPE positions (positions=None), expected indices in [0, {n_pos}) "
+            f"(the table rows), got a maximum of {int(idx.max())}"
+        )
+    return cos, sin
+
+
+@torch.no_grad()
+def gather_linear(
+    x: torch.Tensor,
+    idx: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    positions: torch.Tensor | None = None,
+    backend: str | None = None,
+    impl: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """``y[b, j] = x[b, idx[b, j]] @ weight.T (+ bias)``, then optional RoPE per head.
+
+    x (B, L, d) fp32/fp16/bf16, any strides; idx (B, k) int32/int64 in [0, L), repeats allowed, or
+    None (all L rows, k = L); weight (n, d) and bias (n,) in x's dtype; rope = (cos, sin), each (P, Dh)
+    float with Dh even and dividing n: output head ``h`` (columns ``h*Dh:(h+1)*Dh``) is rotated at
+    ``positions`` (B, k) int in [0, P), default ``idx`` (or ``arange(L)`` when idx is None).
+    ``impl`` picks the triton-backend implementation (module docstring); the torch backend runs
+    :func:`spacache_kernels.ops.reference.gather_linear`. ``check_indices=False`` skips the value
+    checks on idx/positions (host syncs). Returns (B, k, n) in x's dtype (k = 0 gives an empty tensor).
+    """
+    _check_impl(impl)
+    n_batch, length, d, k = _check_rows(x, idx, check_indices)
+    check_float("weight", weight, ndim=2, shape=(None, d))
+    n = weight.shape[0]
+    if bias is not None:
+        check_float("bias", bias, ndim=1, shape=(n,))
+    check_same_dtype(x=x, weight=weight, bias=bias)
+    tables = _check_rope(
+        rope, positions, idx, n=n, n_batch=n_batch, length=length, k=k, check_indices=check_indices
+    )
+    cos, sin = tables if tables is not None else (None, None)
+    check_same_device(
+        x=x, idx=idx, weight=weight, bias=bias, positions=positions, **{"rope[0]": cos, "rope[1]": sin}
+    )
+
+    if resolve_backend(backend, x, weight) == "torch":
+        return reference.gather_linear(x, idx, weight, bias, rope=tables, positions=positions)
+    if _resolve_impl(impl, n_batch * k) == "fused":
+        from spacache_kernels.kernels.gather_linear import gather_linear_fused
+
+        return gather_linear_fused(x, idx, weight, bias, rope=tables, positions=positions)
+
+    out = torch.nn.functional.linear(index_select_rows(x, idx), weight, bias)
+    if tables is None or out.numel() == 0:
+        return out
+    from spacache_kernels.kernels.rope import apply_rope_fused
+
+    if positions is None:
+        positions = reference.default_positions(idx, n_batch, length, x.device)
+    heads = out.view(n_batch, k, n // cos.shape[-1], cos.shape[-1])
+    apply_rope_fused(heads, positions, cos, sin, out=heads)  # in place: one pass over y
+    return out
+
+
+@torch.no_grad()
+def gather_swiglu(
+    x: torch.Tensor,
+    idx: torch.Tensor | None,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    *,
+    backend: str | None = None,
+    impl: str = "auto",
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """``silu(x_g @ w_gate.T) * (x_g @ w_up.T)`` with ``x_g[b, j] = x[b, idx[b, j]]``.
+
+    x (B, L, d) fp32/fp16/bf16, any strides; idx (B, k) int32/int64 in [0, L), repeats allowed, or
+    None (all rows); w_gate, w_up (n, d) in x's dtype. ``impl`` and ``check_indices`` as in
+    :func:`gather_linear`. Returns (B, k, n) in x's dtype.
+    """
+    _check_impl(impl)
+    n_batch, _, d, k = _check_rows(x, idx, check_indices)
+    check_float("w_gate", w_gate, ndim=2, shape=(None, d))
+    check_tensor("w_up", w_up, shape=tuple(w_gate.shape))
+    check_same_dtype(x=x, w_gate=w_gate, w_up=w_up)
+    check_same_device(x=x, idx=idx, w_gate=w_gate, w_up=w_up)
+
+    if resolve_backend(backend, x, w_gate) == "torch":
+        return reference.gather_swiglu(x, idx, w_gate, w_up)
+    if _resolve_impl(impl, n_batch * k) == "fused":
+        from spacache_kernels.kernels.gather_linear import gather_swiglu_fused
+
+        return gather_swiglu_fused(x, idx, w_gate, w_up)
+    rows = index_select_rows(x, idx)
+    gate = torch.nn.functional.linear(rows, w_gate)
+    return torch.nn.functional.silu(gate).mul_(torch.nn.functional.linear(rows, w_up))
+
+
+__all__ = ["AUTO_TORCH_GATHER_MAX_ROWS", "IMPLS", "gather_linear", "gather_swiglu", "index_select_rows"]
