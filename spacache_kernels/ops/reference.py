@@ -226,6 +226,7 @@ def token_confidence(
     positions: torch.Tensor | None = None,
     temperature: float = 0.0,
     seed: int = 0,
+    suppress_token: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LM head at selected positions, then the decision and its confidence.
 
@@ -233,6 +234,8 @@ def token_confidence(
     temperature == 0: ``token = argmax z``; temperature > 0: Gumbel-max,
     ``token = argmax(z / temperature + g)`` with ``g = -log(-log(u))``, ``u = counter_uniform(seed,
     flat_row, v)`` and ``flat_row = b * m + j``. ``confidence = softmax(z)[token]`` (fp32).
+    ``suppress_token``: a vocabulary id that is never chosen (the mask token: committing it would
+    leave the position masked); it still counts in the softmax normalizer.
     Returns ``(token (B, m) int64, confidence (B, m) fp32)``.
     """
     rows = gather_rows(hidden, positions).float()
@@ -243,6 +246,9 @@ def token_confidence(
         flat_row = torch.arange(b * m, device=hidden.device).view(b, m, 1)
         u = counter_uniform(seed, flat_row, torch.arange(v, device=hidden.device).view(1, 1, v))
         score = logits / temperature - torch.log(-torch.log(u))
+    if suppress_token is not None:
+        score = score.clone()
+        score[..., suppress_token] = float("-inf")
     token = score.argmax(-1)
     lse = torch.logsumexp(logits, dim=-1)
     conf = torch.exp(torch.gather(logits, -1, token.unsqueeze(-1)).squeeze(-1) - lse)

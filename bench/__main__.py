@@ -1,0 +1,95 @@
+"""``make bench`` / ``python -m bench``: run the kernel microbenchmarks and print one table.
+
+On a CUDA machine every op runs through its Triton kernel and the torch reference (and the named
+baselines) at LLaDA-8B / Dream-7B shapes, with % of this device's measured peak. On a CPU-only
+machine the torch path runs at small shapes and the header says that the Triton kernels need a GPU.
+The raw pytest-benchmark JSON (with every figure in ``extra_info``) is saved under ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import pathlib
+import subprocess
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+COLUMNS = ("op", "backend", "shape", "median_us", "GB/s", "TFLOP/s", "pct_peak", "baseline")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of ``extra_info`` dicts -> an aligned plain-text table."""
+    cells = [list(COLUMNS)] + [[_fmt(r.get(c)) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def header() -> str:
+    from bench import harness
+
+    peaks = harness.measured_peaks()
+    mode = (
+        "GPU: Triton kernels vs the torch reference at model shapes"
+        if harness.ON_GPU
+        else "CPU-only machine: torch reference path at small shapes. "
+        "The Triton kernels need a CUDA GPU; run `make bench` there for their figures."
+    )
+    return (
+        f"spacache_kernels microbenchmarks | device: {harness.device_name()} | commit {_git_commit()} | "
+        f"{_dt.date.today().isoformat()}\n{mode}\n"
+        f"measured peaks: copy {peaks['bandwidth'] / 1e9:.1f} GB/s, "
+        f"{peaks['gemm_dtype']} GEMM {peaks['flops'] / 1e12:.2f} TFLOP/s (pct_peak is relative to these)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("-k", dest="select", default=None, help="pytest -k expression to pick benchmarks")
+    parser.add_argument("--json", default=None, help="output JSON path (default bench/results/<stamp>.json)")
+    args, passthrough = parser.parse_known_args(argv)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_json = pathlib.Path(args.json) if args.json else RESULTS / f"kernels-{stamp}.json"
+    print(header(), flush=True)
+    cmd = [
+        sys.executable, "-m", "pytest", str(HERE), "-q", "-p", "no:cacheprovider",
+        "--benchmark-only", f"--benchmark-json={out_json}", "--benchmark-disable-gc",
+        "--benchmark-columns=median", *passthrough,
+    ]  # fmt: skip
+    if args.select:
+        cmd += ["-k", args.select]
+    status = subprocess.run(cmd, cwd=HERE.parent).returncode
+    if not out_json.exists():
+        print("no benchmark ran", file=sys.stderr)
+        return status or 1
+    rows = [b["extra_info"] for b in json.loads(out_json.read_text())["benchmarks"] if b.get("extra_info")]
+    print()
+    print(format_table(rows))
+    print(f"\nJSON: {out_json}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

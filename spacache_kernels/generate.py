@@ -1,0 +1,279 @@
+"""The denoising loop: blocks, steps, unmasking rules, batch bookkeeping and statistics.
+
+Sequence layout ``[prompt (P, left-padded) | generated (G, starts fully masked)]``; the generated
+region is decoded block by block (semi-autoregressive). Unmasking rules (ALGORITHMS.md), independent
+of the caching policy:
+
+* fixed count (default, LLaDA low-confidence remasking): a block of b tokens decoded in s steps
+  commits ``b // s`` tokens per step (the first ``b % s`` steps one more), the most confident masked
+  ones of the block;
+* ``threshold=tau`` (Fast-dLLM): the most confident masked token of the block plus every other
+  with confidence >= tau;
+* ``factor=f`` (Fast-dLLM): sort the block's masked confidences descending and commit the largest n
+  with ``c_(j) >= 1 - f / (j + 1)`` for every j <= n (j = 1 always passes).
+
+Confidence is ``softmax(logits)[token]``; temperature > 0 samples the token with Gumbel-max.
+In threshold/factor mode each row advances to its next block as soon as its block is decoded and
+leaves the batch when it has no mask left (so a batch decodes each row exactly as it would alone;
+the reference keeps blocks in lockstep across the batch). Fixed-count mode needs no host sync per
+step; threshold/factor mode reads one flag per step (whether the loop is done).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from spacache_kernels.models.runtime import DenoiseRuntime
+from spacache_kernels.ops._dispatch import BACKENDS
+from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
+
+
+@dataclass
+class GenerationStats:
+    """What one generate() call did. FLOPs are counted from the rows each op processed."""
+
+    steps: int = 0
+    forwards: int = 0
+    generated_tokens: int = 0  # per row, up to (excluding) the first EOS; never prompt tokens
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    flops: int = 0
+    flops_per_step: float = 0.0
+    layer_recomputed_tokens: list[int] = field(default_factory=list)  # summed over steps and rows
+    plan_kinds: dict[str, int] = field(default_factory=dict)
+    policy: str = ""
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # (B, P + G) int64: the prompt (as given) followed by the generated tokens
+    stats: GenerationStats
+
+
+def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
+    """Tokens committed at each step of a block under the fixed-count rule."""
+    base, extra = divmod(block_length, steps_per_block)
+    return [base + (1 if i < extra else 0) for i in range(steps_per_block)]
+
+
+def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, b) bool: the most confident masked position plus every masked one with conf >= tau."""
+    conf = conf.masked_fill(~masked, float("-inf"))
+    best = torch.zeros_like(masked).scatter_(1, conf.argmax(1, keepdim=True), True)
+    return masked & (best | (conf >= threshold))
+
+
+def factor_commit(conf: torch.Tensor, masked: torch.Tensor, factor: float) -> torch.Tensor:
+    """(B, b) bool: the largest n with ``c_(j) >= 1 - f/(j+1)`` for all j <= n (j = 1 always)."""
+    conf = conf.masked_fill(~masked, float("-inf"))
+    ordered, order = conf.sort(dim=1, descending=True)
+    j = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=conf.dtype)
+    passes = ordered >= 1 - factor / (j + 1)
+    passes[:, 0] = True
+    passes &= ordered > float("-inf")  # never commit a position that is not masked
+    keep_sorted = passes.long().cumprod(dim=1).bool()
+    return torch.zeros_like(masked).scatter_(1, order, keep_sorted) & masked
+
+
+def fixed_commit(conf: torch.Tensor, masked: torch.Tensor, count: int) -> torch.Tensor:
+    """(B, b) bool: the ``count`` most confident masked positions of each row."""
+    if count == 0:
+        return torch.zeros_like(masked)
+    conf = conf.masked_fill(~masked, float("-inf"))
+    top = conf.topk(count, dim=1).indices
+    return torch.zeros_like(masked).scatter_(1, top, True) & masked
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
+              temperature, backend):  # fmt: skip
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids: expected an int64 or int32 tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids: expected a non-empty (B, P) tensor, got shape {tuple(input_ids.shape)}")
+    _check_int("gen_length", gen_length)
+    _check_int("steps", steps)
+    _check_int("block_length", block_length)
+    if gen_length % block_length:
+        raise ValueError(f"gen_length: expected a multiple of block_length={block_length}, got {gen_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps: expected a multiple of the block count {num_blocks}, got {steps}")
+    cfg = model.config
+    if model.mask_id is None:
+        raise ValueError("model: its config has no mask_token_id, so it cannot decode masked tokens")
+    total = input_ids.shape[1] + gen_length
+    if total > cfg.max_positions:
+        raise ValueError(
+            f"input_ids: prompt length {input_ids.shape[1]} + gen_length {gen_length} exceeds the "
+            f"model's max positions {cfg.max_positions}"
+        )
+    if threshold is not None and factor is not None:
+        raise ValueError("threshold / factor: give at most one unmasking rule")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
+    if factor is not None and not factor > 0:
+        raise ValueError(f"factor: expected a positive value, got {factor}")
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask: expected a tensor of shape {tuple(input_ids.shape)}")
+        m = attention_mask.long()
+        if bool(((m != 0) & (m != 1)).any()):
+            raise ValueError("attention_mask: expected values 0 (padding) and 1 (token)")
+        if bool((m[:, 1:] < m[:, :-1]).any()):
+            raise ValueError("attention_mask: expected left padding (zeros only before the tokens)")
+        if bool((m.sum(1) == 0).any()):
+            raise ValueError("attention_mask: every row needs at least one real prompt token")
+    real = input_ids if attention_mask is None else input_ids[attention_mask.bool()]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= cfg.vocab_size):
+        raise ValueError(f"input_ids: expected token ids in [0, {cfg.vocab_size})")
+    if bool((real == model.mask_id).any()):
+        raise ValueError(f"input_ids: the prompt contains the mask token id {model.mask_id}")
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    gen_length: int,
+    steps: int,
+    block_length: int,
+    policy: str | CachePolicy = "spa",
+    threshold: float | None = None,
+    factor: float | None = None,
+    temperature: float = 0.0,
+    eos_token_id: int | None = None,
+    backend: str | None = "auto",
+    seed: int = 0,
+    progress: bool = False,
+) -> GenerationOutput:
+    """Decode ``gen_length`` masked tokens after each prompt with a caching policy.
+
+    Args:
+        model: a :class:`~spacache_kernels.models.DiffusionLM` (see ``load_model``).
+        input_ids: (B, P) int64 prompts, left-padded when ragged (then pass ``attention_mask``).
+        attention_mask: (B, P) 1 for tokens, 0 for left padding.
+        gen_length / steps / block_length: G, total steps, block size (G % block == 0 and
+            steps % (G / block) == 0); in threshold/factor mode ``steps`` is not used beyond that check.
+        policy: "spa" | "vanilla" | any registered name | a CachePolicy instance.
+        threshold / factor: unmasking rule (default: fixed count per step).
+        temperature: 0 = greedy; > 0 = Gumbel-max sampling (reproducible through ``seed``).
+        eos_token_id: for statistics (generated tokens are counted up to the first EOS).
+        backend: "auto" | "triton" | "torch" | None (``SPACACHE_BACKEND``) for every op.
+        progress: show a tqdm bar over steps.
+
+    Returns:
+        GenerationOutput(sequences (B, P + G) int64, stats).
+    """
+    _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
+              temperature, backend)  # fmt: skip
+    policy = make_policy(policy)
+    device = model.device
+    input_ids = input_ids.to(device=device, dtype=torch.int64)
+    batch, prompt_len = input_ids.shape
+    mask_id = model.mask_id
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(device=device, dtype=torch.int64)
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, gen_length)], dim=1)
+    tokens = torch.cat([input_ids, input_ids.new_full((batch, gen_length), mask_id)], dim=1)
+    # Padding positions hold a real id so the embedding never sees garbage (they are masked out).
+    pad_fill = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    tokens[:, :prompt_len] = torch.where(attention_mask.bool(), input_ids, pad_fill)
+
+    policy.reset(model, GenerationShape(batch, prompt_len, gen_length, device, backend))
+    runtime = DenoiseRuntime(model, full_mask, prompt_len, policy, backend)
+    output = tokens.clone()
+    row_ids = torch.arange(batch, device=device)  # original row of each live row
+    num_blocks = gen_length // block_length
+    offsets = torch.arange(block_length, device=device)
+    fixed = threshold is None and factor is None
+    stats = GenerationStats(policy=getattr(policy, "name", type(policy).__name__))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps if fixed else gen_length, desc=f"generate[{stats.policy}]", unit="step")
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start_time = time.perf_counter()
+    step = 0
+    block_of_row = torch.zeros(batch, dtype=torch.int64, device=device)
+    schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
+    while True:
+        if fixed:
+            if step >= steps:
+                break
+            block_of_row.fill_(step // len(schedule))
+        plan = policy.plan(step)
+        stats.plan_kinds[plan.kind] = stats.plan_kinds.get(plan.kind, 0) + 1
+        runtime.step(tokens, plan)
+        positions = prompt_len + block_of_row[:, None] * block_length + offsets  # (B, b)
+        token, conf = runtime.decide(positions, temperature=float(temperature), seed=seed * 1_000_003 + step)
+        current = torch.gather(tokens, 1, positions)
+        masked = current == mask_id
+        if fixed:
+            commit = fixed_commit(conf, masked, schedule[step % len(schedule)])
+        elif threshold is not None:
+            commit = threshold_commit(conf, masked, threshold)
+        else:
+            commit = factor_commit(conf, masked, factor)
+        tokens.scatter_(1, positions, torch.where(commit, token, current))
+        step += 1
+        if bar is not None:
+            bar.update(1)
+        if fixed:
+            continue
+        # Threshold/factor: rows advance to their next block, finished rows leave the batch.
+        block_done = ~((torch.gather(tokens, 1, positions) == mask_id).any(1))
+        block_of_row += block_done.long()
+        finished = block_of_row >= num_blocks
+        if bool(finished.any()):  # the one host read per step in this mode
+            output[row_ids[finished]] = tokens[finished]
+            keep = ~finished
+            if not bool(keep.any()):
+                break
+            tokens, row_ids, block_of_row = tokens[keep], row_ids[keep], block_of_row[keep]
+            runtime.drop_rows(keep)
+            policy.drop_rows(keep)
+    if fixed:
+        output = tokens
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.seconds = time.perf_counter() - start_time
+    if bar is not None:
+        bar.close()
+
+    gen = output[:, prompt_len:]
+    if eos_token_id is not None:
+        is_eos = gen == eos_token_id
+        first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(gen[:, 0], gen_length))
+        stats.generated_tokens = int(first.sum())
+    else:
+        stats.generated_tokens = int(gen.numel())
+    stats.steps = stats.forwards = step
+    stats.tokens_per_second = stats.generated_tokens / stats.seconds if stats.seconds > 0 else float("nan")
+    stats.flops = int(runtime.flops + getattr(policy, "flops", 0))
+    stats.flops_per_step = stats.flops / max(step, 1)
+    stats.layer_recomputed_tokens = [int(v) for v in np.asarray(runtime.layer_rows)]
+    return GenerationOutput(sequences=output, stats=stats)

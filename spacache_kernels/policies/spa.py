@@ -1,0 +1,192 @@
+"""SPA-Cache (arXiv 2602.02544): singular-proxy drift selection with per-layer budgets.
+
+Rules (reference-faithful; ALGORITHMS.md):
+
+* Proxy: per layer ``P_l = U[:, :r] * S[:r]`` from the SVD ``Wv^T = U S Vh`` of the value projection;
+  ``proxy(h) = h @ P_l`` with ``h`` the attention-normed layer input.
+* Drift: ``s_i = cos(proxy_new_i, proxy_cached_i)`` over generated tokens; the ``int(ratio_l * G)``
+  tokens with the lowest ``s`` are recomputed (Q, attention, output projection, FFN); K/V of every
+  generated token are recomputed every step (``sparse_kv=True``: only the selected ones). After a
+  selection the cached proxy of *every* generated token becomes this step's proxy.
+* Layer 0 is always fully updated. Global step ``n`` (0-based): full refresh (prompt + generated)
+  when ``n % refresh_steps == 0``, else generated-region refresh when ``n % refresh_gen_steps == 0``,
+  else the partial update above. Outside a full refresh the prompt is not recomputed at all.
+* Budgets: ``budget="gaussian"`` with the model family's preset (LLaDA-8B: peak at 0.75 of depth,
+  start 0.03, peak 0.25, end 0.13; LLaDA-1.5: peak 0.8; Dream-7B: peak 0.5, 0.05/0.3/0.25), scaled so
+  the peak equals ``max_update_ratio``; "uniform"; or explicit per-layer ratios. A layer whose ratio
+  is 1 recomputes all generated tokens.
+
+Reference defaults (LLaDA GSM8K): rank 128, max ratio 0.25, refresh 50, generated refresh 7.
+
+Deliberate deviations: when both ``max_update_ratio`` and ``avg_update_ratio`` are given the
+average wins (the reference keeps the max); the cached proxy is held in fp32 (the reference keeps the
+model dtype) so that near-1 cosines are not quantized by bf16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+
+import torch
+
+from spacache_kernels.ops.proxy import proxy_select, svd_proxy
+from spacache_kernels.policies.base import CachePolicy, GenerationShape, StepPlan
+from spacache_kernels.policies.budget import ARCH_PRESET, PRESETS, update_ratios
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class SpaCache(CachePolicy):
+    """SPA-Cache policy. See the module docstring for the rules and defaults.
+
+    Args:
+        proxy_rank: rank r of the singular proxy (int; clamped to the rank of Wv, where the proxy is
+            already exact), or a fraction in (0, 1] of the KV width.
+        max_update_ratio / avg_update_ratio: scale of the per-layer budget curve.
+        budget: "gaussian" | "uniform" | a sequence of per-layer ratios.
+        refresh_steps / refresh_gen_steps: full and generated-region refresh periods (steps).
+        sparse_kv: recompute K/V only for the selected tokens (not in the reference).
+        preset: budget-curve preset name (``"auto"``: from the model's architecture).
+        min_update_ratio: floor of the curve's shallow side.
+        cache_dir: directory where the SVD proxies are stored and reused across runs (optional).
+        backend: backend of the proxy-selection op ("auto" | "triton" | "torch" | None).
+    """
+
+    name = "spa"
+    needs_branch_cache = True
+
+    def __init__(
+        self,
+        proxy_rank: int | float = 128,
+        max_update_ratio: float | None = 0.25,
+        avg_update_ratio: float | None = None,
+        budget="gaussian",
+        refresh_steps: int = 50,
+        refresh_gen_steps: int = 7,
+        sparse_kv: bool = False,
+        preset: str = "auto",
+        min_update_ratio: float = 2**-5,
+        cache_dir: str | os.PathLike | None = None,
+        backend: str | None = None,
+    ):
+        if isinstance(proxy_rank, bool) or not isinstance(proxy_rank, (int, float)):
+            raise TypeError(
+                f"proxy_rank: expected an int or a float fraction, got {type(proxy_rank).__name__}"
+            )
+        if isinstance(proxy_rank, float) and not 0 < proxy_rank <= 1:
+            raise ValueError(f"proxy_rank: a float rank must be a fraction in (0, 1], got {proxy_rank}")
+        if isinstance(proxy_rank, int) and proxy_rank < 1:
+            raise ValueError(f"proxy_rank: expected a positive int, got {proxy_rank}")
+        if preset != "auto" and preset not in PRESETS:
+            raise ValueError(f"preset: expected 'auto' or one of {sorted(PRESETS)}, got {preset!r}")
+        if not 0 <= min_update_ratio <= 1:
+            raise ValueError(f"min_update_ratio: expected a value in [0, 1], got {min_update_ratio}")
+        self.proxy_rank = proxy_rank
+        self.max_update_ratio = max_update_ratio
+        self.avg_update_ratio = avg_update_ratio
+        self.budget = budget
+        self.refresh_steps = _positive_int("refresh_steps", refresh_steps)
+        self.refresh_gen_steps = _positive_int("refresh_gen_steps", refresh_gen_steps)
+        self.sparse_kv = bool(sparse_kv)
+        self.preset = preset
+        self.min_update_ratio = min_update_ratio
+        self.cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else None
+        self.backend = backend
+        # Validates the budget arguments now rather than at the first generate().
+        update_ratios(
+            4 if isinstance(budget, str) else len(budget), budget,
+            max_update_ratio=max_update_ratio, avg_update_ratio=avg_update_ratio,
+            min_update_ratio=min_update_ratio, preset="llada-8b" if preset == "auto" else preset,
+        )  # fmt: skip
+        self._proxy_memo: dict = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+    def layer_ratios(self, model) -> list[float]:
+        preset = ARCH_PRESET.get(model.config.arch, "llada-8b") if self.preset == "auto" else self.preset
+        ratios = update_ratios(
+            model.config.n_layers, self.budget, max_update_ratio=self.max_update_ratio,
+            avg_update_ratio=self.avg_update_ratio, min_update_ratio=self.min_update_ratio, preset=preset,
+        )  # fmt: skip
+        return [float(r) for r in ratios]
+
+    def proxies(self, model) -> list[torch.Tensor | None]:
+        """Per-layer proxy projections (d, r) in the model's dtype (layer 0: None, never used)."""
+        key = (id(model), model.device, model.dtype, self.proxy_rank)
+        if key not in self._proxy_memo:
+            self._proxy_memo = {key: self._load_or_build(model)}  # one model at a time
+        return self._proxy_memo[key]
+
+    def _fingerprint(self, model) -> str:
+        h = hashlib.sha1(repr(model.config).encode())
+        h.update(str(self.proxy_rank).encode())
+        for layer in model.layers[1:2] + model.layers[-1:]:
+            h.update(repr(layer.w_v.float().flatten()[:64].tolist()).encode())
+        return h.hexdigest()[:16]
+
+    def _load_or_build(self, model) -> list[torch.Tensor | None]:
+        path = None
+        if self.cache_dir is not None:
+            path = self.cache_dir / f"spa_proxy_{self._fingerprint(model)}.pt"
+            if path.exists():
+                stored = torch.load(path, map_location=model.device)
+                return [None] + [p.to(model.dtype) for p in stored]
+        rank = self.proxy_rank
+        if isinstance(rank, int):
+            # A rank at or above Wv's own rank gives an exact proxy (an isometry of the value vector),
+            # so clamping there changes nothing; it lets the reference default (128) run on small models.
+            rank = min(rank, min(model.layers[0].w_v.shape))
+        built = [svd_proxy(layer.w_v, rank, dtype=model.dtype) for layer in model.layers[1:]]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save([p.cpu() for p in built], path)
+        return [None] + built
+
+    def reset(self, model, shape: GenerationShape) -> None:
+        super().reset(model, shape)
+        self.ratios = self.layer_ratios(model)
+        # int(ratio * G) as the reference; a ratio of 1 means "all rows" (None).
+        self.budgets = [None if r >= 1.0 else int(r * shape.gen_len) for r in self.ratios]
+        self.proj = self.proxies(model)
+        rank = self.proj[1].shape[1] if len(self.proj) > 1 else 1
+        self.proxy_cache = torch.zeros(
+            model.config.n_layers, shape.batch, shape.gen_len, rank, dtype=torch.float32, device=shape.device
+        )
+
+    # -- per step --------------------------------------------------------------------------------
+    def plan(self, step: int) -> StepPlan:
+        if step % self.refresh_steps == 0:
+            return StepPlan(region="all", kind="full")
+        if step % self.refresh_gen_steps == 0:
+            return StepPlan(region="gen", kind="gen")
+        return StepPlan(region="gen", kind="partial", sparse_kv=self.sparse_kv)
+
+    def select(self, layer: int, normed: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
+        if layer == 0:
+            return None
+        gen_rows = normed[:, self.shape.prompt_len :] if plan.region == "all" else normed
+        budget = self.budgets[layer] if plan.kind == "partial" else None
+        # Refreshes and full-budget layers still write this step's proxy (k = 0: no selection).
+        idx, _ = proxy_select(
+            gen_rows.contiguous(), self.proj[layer], self.proxy_cache[layer], budget or 0,
+            backend=self.op_backend(),
+        )  # fmt: skip
+        batch, rows, width = gen_rows.shape
+        self.flops += 2 * batch * rows * width * self.proj[layer].shape[1]
+        return idx if budget is not None else None
+
+    def drop_rows(self, keep: torch.Tensor) -> None:
+        self.proxy_cache = self.proxy_cache[:, keep]
+
+    def __repr__(self) -> str:
+        return (
+            f"SpaCache(proxy_rank={self.proxy_rank}, max_update_ratio={self.max_update_ratio}, "
+            f"avg_update_ratio={self.avg_update_ratio}, budget={self.budget!r}, "
+            f"refresh_steps={self.refresh_steps}, refresh_gen_steps={self.refresh_gen_steps}, "
+            f"sparse_kv={self.sparse_kv})"
+        )
