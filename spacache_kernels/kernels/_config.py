@@ -7,8 +7,10 @@ keeps only the first (smallest) config when interpreting.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
+import torch
 import triton
 
 
@@ -27,3 +29,8 @@ def autotune_configs(configs: list[triton.Config]) -> list[triton.Config]:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= max(n, 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def device_guard(tensor: torch.Tensor):
+    """Context making ``tensor``'s CUDA device current (Triton launches on the current device)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -50,13 +50,11 @@ after the first); packing a group's heads into one program's rows is the next st
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, interpreting, next_pow2
+from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # the (BLOCK_M, Dh) fp32 accumulator and the q tile must stay in registers
@@ -279,11 +277,6 @@ def _attn_probs_kernel(
         tl.store(out_rows + offs_n64[None, :] * stride_xt, prob, mask=r_ok[:, None] & in_range[None, :])
 
 
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _use_upcast(dtype: torch.dtype) -> bool:
     return interpreting() or dtype == torch.float32
 
@@ -331,7 +324,7 @@ def sparse_attention_fwd(
     def grid(meta):
         return (triton.cdiv(n_queries, meta["BLOCK_M"]), n_batch * n_q_heads)
 
-    with _device_guard(q):
+    with device_guard(q):
         _attn_fwd_kernel[grid](
             q,
             k_cache,
@@ -391,7 +384,7 @@ def attention_row_probs(
     block_d = max(16, next_pow2(head_dim))
     # Wide fp32 key tiles (Dh > 128) would overflow shared memory at 128 keys per tile.
     block_n = 64 if interpreting() or q.element_size() * block_d > 512 else 128
-    with _device_guard(q):
+    with device_guard(q):
         _attn_probs_kernel[(triton.cdiv(n_rows, block_r), n_batch * n_q_heads)](
             q,
             k_cache,

@@ -55,13 +55,11 @@ arithmetic, but the config list and :func:`default_splits` are untuned guesses u
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, interpreting, next_pow2
+from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
 
 # A constexpr: compiled kernels may only read globals declared as such (the interpreter does not care).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -268,11 +266,6 @@ def _uniform_kernel(rows_ptr, cols_ptr, out_ptr, n, seed, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, _uniform_from_hash(hsh), mask=ok)
 
 
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def default_splits(n_rows: int, vocab: int, device: torch.device) -> int:
     """How many vocabulary splits fill the device: about 4 programs per SM over all row blocks.
 
@@ -340,7 +333,7 @@ def token_confidence(
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]), splits)
 
-    with _device_guard(hidden):
+    with device_guard(hidden):
         _lm_head_partial_kernel[grid](
             hidden,
             pos,
@@ -398,7 +391,7 @@ def counter_uniform(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.
     out = torch.empty(flat_rows.shape, dtype=torch.float32, device=rows.device)
     n = out.numel()
     if n:
-        with _device_guard(rows):
+        with device_guard(rows):
             _uniform_kernel[(triton.cdiv(n, 1024),)](
                 flat_rows, flat_cols, out, n, int(seed) & _U32, BLOCK=1024
             )

@@ -47,13 +47,11 @@ The op (:func:`spacache_kernels.ops.linear.gather_linear`) therefore keeps both 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, interpreting, next_pow2
+from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
 
 ROPE_MIN_LANES = 64  # lanes per rotation half in one RoPE tile: tl.dot needs >= 16, wider tiles reuse X
 GROUP_M = 8  # tiles of rows sharing one weight column band in L2
@@ -394,9 +392,6 @@ def _gather_swiglu_kernel(
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def _upcast(*tensors: torch.Tensor) -> bool:
@@ -449,7 +444,7 @@ def gather_linear_fused(
     idx_ptr, *idx_strides = _idx_args(idx, x)
     common = dict(HAS_IDX=idx is not None, HAS_BIAS=has_bias, UPCAST=upcast, GROUP=GROUP_M)
 
-    with _device_guard(x):
+    with device_guard(x):
         if rope is None:
 
             def grid(meta):
@@ -545,7 +540,7 @@ def gather_swiglu_fused(
         return (triton.cdiv(m_total, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     idx_ptr, *idx_strides = _idx_args(idx, x)
-    with _device_guard(x):
+    with device_guard(x):
         _gather_swiglu_kernel[grid](
             x,
             idx_ptr,

@@ -39,13 +39,11 @@ settled on a GPU.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, interpreting, next_pow2
+from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
 
 COS_EPS = 1e-8  # matches spacache_kernels.ops.reference.COS_EPS (torch.cosine_similarity's epsilon)
 MAX_RANK = 256  # the fp32 (BLOCK_L, BLOCK_R) accumulator must stay in registers
@@ -168,11 +166,6 @@ def _bottom_k_kernel(
     tl.store(out_ptr + pid_b * stride_ob + slot.to(tl.int64) * stride_ok, pos.to(tl.int64), mask=chosen)
 
 
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def proxy_select_fused(
     hidden: torch.Tensor, proj: torch.Tensor, proxy_cache: torch.Tensor, scores_out: torch.Tensor
 ) -> torch.Tensor:
@@ -195,7 +188,7 @@ def proxy_select_fused(
     def grid(meta):
         return (triton.cdiv(length, meta["BLOCK_L"]), n_batch)
 
-    with _device_guard(hidden):
+    with device_guard(hidden):
         _proxy_fused_kernel[grid](
             hidden,
             proj,
@@ -231,7 +224,7 @@ def bottom_k_select(scores: torch.Tensor, k: int, out: torch.Tensor | None = Non
         return out
     # >= 16 lanes: very short sorts are the least exercised path of tl.sort across Triton versions.
     block = max(16, next_pow2(length))
-    with _device_guard(scores):
+    with device_guard(scores):
         _bottom_k_kernel[(n_batch,)](
             scores,
             out,

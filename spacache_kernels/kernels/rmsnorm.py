@@ -16,13 +16,11 @@ Roofline, with ``e_x``, ``e_w``, ``e_o`` the element sizes of ``x``, ``weight``,
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import next_pow2
+from spacache_kernels.kernels._config import device_guard, next_pow2
 
 MAX_SINGLE_PASS_D = 16384  # fp32 row in registers: 16384 / (8 warps * 32 lanes) = 64 values per lane
 TILE_ELEMS = 4096  # elements per program when rows are short
@@ -77,11 +75,6 @@ def _rms_norm_kernel(
             tl.store(out_rows + cols[None, :] * stride_od, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -111,7 +104,7 @@ def rms_norm(
     single_pass = block_d >= d
     block_r = min(max(1, TILE_ELEMS // block_d), next_pow2(n_rows))
     num_warps = min(max(block_r * block_d // 256, 1), 8)
-    with _device_guard(x):
+    with device_guard(x):
         _rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
             rows_x,
             weight,

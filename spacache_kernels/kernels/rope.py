@@ -19,13 +19,11 @@ once per (b, s) from DRAM, then from cache for the other heads); ~``3*B*S*H*Dh``
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import next_pow2
+from spacache_kernels.kernels._config import device_guard, next_pow2
 
 TILE_ELEMENTS = 4096  # rows x lanes per program: enough bytes in flight per SM, few registers each
 
@@ -85,11 +83,6 @@ def _rope_kernel(
     tl.store(out_rows + (pair + half)[None, :] * stride_od, out_hi.to(out_ty), mask=tile_ok)
 
 
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def apply_rope_fused(
     x: torch.Tensor,
     positions: torch.Tensor,
@@ -113,7 +106,7 @@ def apply_rope_fused(
     half = head_dim // 2
     block_half = next_pow2(half)
     block_r = max(1, TILE_ELEMENTS // block_half)
-    with _device_guard(x):
+    with device_guard(x):
         _rope_kernel[(triton.cdiv(rows, block_r),)](
             x,
             positions,

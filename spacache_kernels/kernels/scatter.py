@@ -43,13 +43,11 @@ cache rows receive the same ``src``), except when ``out`` aliases ``x``; ``resto
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, next_pow2
+from spacache_kernels.kernels._config import autotune_configs, device_guard, next_pow2
 
 # First config: the interpreter's (small tiles: 37 positions / 100 columns span several tiles).
 _ROWS_CONFIGS = [
@@ -189,11 +187,6 @@ def _scatter_residual_kernel(
     tl.store(out_rows, (hidden + delta).to(out_ptr.dtype.element_ty), mask=all_tile)
 
 
-def _device_guard(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensors' one.
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
-
-
 def _new_slot_buffer(n_batch: int, length: int, device: torch.device) -> torch.Tensor:
     """The (B, L) int32 position -> slot map, uninitialised on purpose.
 
@@ -219,7 +212,7 @@ def scatter_rows(cache: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> t
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(n, meta["BLOCK_N"]))
 
-    with _device_guard(cache):
+    with device_guard(cache):
         _scatter_rows_kernel[grid](
             cache,
             idx,
@@ -261,7 +254,7 @@ def scatter_residual(
     def grid(meta):
         return (triton.cdiv(length, meta["BLOCK_L"]), triton.cdiv(n, meta["BLOCK_N"]), n_batch)
 
-    with _device_guard(x):
+    with device_guard(x):
         if k > 0:
             block_k = min(_SLOT_BLOCK, next_pow2(k))
             _slot_kernel[(n_batch, triton.cdiv(k, block_k))](

@@ -9,8 +9,7 @@ import torch
 
 from spacache_kernels.ops import reference
 from spacache_kernels.ops._dispatch import resolve_backend
-from spacache_kernels.ops._validate import check_contiguous, check_float, check_same_device
-from spacache_kernels.ops.scatter import check_disjoint
+from spacache_kernels.ops._validate import check_contiguous, check_disjoint, check_float, check_same_device
 
 
 @torch.no_grad()

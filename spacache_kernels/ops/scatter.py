@@ -13,26 +13,11 @@ from spacache_kernels.ops import reference
 from spacache_kernels.ops._dispatch import resolve_backend
 from spacache_kernels.ops._validate import (
     check_contiguous,
+    check_disjoint,
     check_float,
     check_index,
     check_same_device,
 )
-
-
-def _byte_span(t: torch.Tensor) -> tuple[int, int]:
-    """[first, last) byte addresses any element of ``t`` can touch (strides are never negative)."""
-    start = t.data_ptr()
-    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return start, start + (extent + 1) * t.element_size()
-
-
-def check_disjoint(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
-    """Reject ``value`` whose memory may overlap ``other``'s: the kernels read and write in parallel."""
-    if value.numel() == 0 or other.numel() == 0:
-        return
-    (a0, a1), (b0, b1) = _byte_span(value), _byte_span(other)
-    if a0 < b1 and b0 < a1:
-        raise ValueError(f"{name}: must not share memory with {other_name} (pass a separate tensor)")
 
 
 def _check_scatter_args(cache, idx, src) -> tuple[int, int, int, int]:
