@@ -30,6 +30,7 @@ import torch
 from spacache_kernels.models.runtime import DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
+from spacache_kernels.policies.base import DecodeState
 
 
 @dataclass
@@ -200,13 +201,22 @@ def generate(
     pad_fill = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens[:, :prompt_len] = torch.where(attention_mask.bool(), input_ids, pad_fill)
 
-    policy.reset(model, GenerationShape(batch, prompt_len, gen_length, device, backend))
+    num_blocks = gen_length // block_length
+    fixed = threshold is None and factor is None
+    unmasking = "fixed" if fixed else ("threshold" if threshold is not None else "factor")
+    policy.reset(
+        model,
+        GenerationShape(
+            batch, prompt_len, gen_length, device, backend, block_length=block_length,
+            steps_per_block=steps // num_blocks, unmasking=unmasking,
+        ),
+    )  # fmt: skip
     runtime = DenoiseRuntime(model, full_mask, prompt_len, policy, backend)
     output = tokens.clone()
     row_ids = torch.arange(batch, device=device)  # original row of each live row
-    num_blocks = gen_length // block_length
     offsets = torch.arange(block_length, device=device)
-    fixed = threshold is None and factor is None
+    # Blocks advance per row in threshold/factor mode unless the policy keys on shared block starts.
+    lockstep = fixed or policy.lockstep_blocks
     stats = GenerationStats(policy=getattr(policy, "name", type(policy).__name__))
     bar = None
     if progress:
@@ -220,15 +230,25 @@ def generate(
     step = 0
     block_of_row = torch.zeros(batch, dtype=torch.int64, device=device)
     schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
+    block_index, step_in_block = 0, 0  # host-side, meaningful in lockstep mode
+    committed = None
     while True:
         if fixed:
             if step >= steps:
                 break
-            block_of_row.fill_(step // len(schedule))
+            block_index, step_in_block = divmod(step, len(schedule))
+            block_of_row.fill_(block_index)
+        block_start = prompt_len + block_of_row * block_length
+        state = DecodeState(
+            step=step, tokens=tokens, block_start=block_start, block_length=block_length,
+            block_index=block_index if lockstep else None, step_in_block=step_in_block if lockstep else None,
+            mask_id=mask_id, committed=committed,
+        )  # fmt: skip
+        policy.begin_step(state)
         plan = policy.plan(step)
         stats.plan_kinds[plan.kind] = stats.plan_kinds.get(plan.kind, 0) + 1
         runtime.step(tokens, plan)
-        positions = prompt_len + block_of_row[:, None] * block_length + offsets  # (B, b)
+        positions = block_start[:, None] + offsets  # (B, b)
         token, conf = runtime.decide(positions, temperature=float(temperature), seed=seed * 1_000_003 + step)
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
@@ -239,13 +259,27 @@ def generate(
         else:
             commit = factor_commit(conf, masked, factor)
         tokens.scatter_(1, positions, torch.where(commit, token, current))
+        committed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, positions, commit)
+        policy.end_step(
+            DecodeState(
+                step=step, tokens=tokens, block_start=block_start, block_length=block_length,
+                block_index=state.block_index, step_in_block=state.step_in_block, mask_id=mask_id,
+                committed=committed,
+            )
+        )  # fmt: skip
         step += 1
+        step_in_block += 1
         if bar is not None:
             bar.update(1)
         if fixed:
             continue
         # Threshold/factor: rows advance to their next block, finished rows leave the batch.
         block_done = ~((torch.gather(tokens, 1, positions) == mask_id).any(1))
+        if lockstep:
+            all_done = bool(block_done.all())  # the one host read per step in lockstep mode
+            block_done = block_done.new_full(block_done.shape, all_done)
+            if all_done:
+                block_index, step_in_block = block_index + 1, 0
         block_of_row += block_done.long()
         finished = block_of_row >= num_blocks
         if bool(finished.any()):  # the one host read per step in this mode
@@ -254,6 +288,7 @@ def generate(
             if not bool(keep.any()):
                 break
             tokens, row_ids, block_of_row = tokens[keep], row_ids[keep], block_of_row[keep]
+            committed = committed[keep] if committed is not None else None
             runtime.drop_rows(keep)
             policy.drop_rows(keep)
     if fixed:

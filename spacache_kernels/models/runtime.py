@@ -1,21 +1,24 @@
 """The cached denoising step: one generation's caches and the per-layer hot path.
 
-Per layer, for the live rows ``x`` (B, R, d) (all T tokens, or the G generated ones) and the rows
-``sel`` the policy picks (``None`` = all):
+Per layer, for the live rows ``x`` (B, R, d) (a contiguous region of positions, or a per-row index set)
+and the generated rows ``sel`` the policy picks (``None`` = all):
 
     h   = rms_norm(x)                                    ops.rms_norm
-    sel = policy.select(layer, h, plan)                  (SPA: fused proxy projection + drift top-k)
+    V   = gather_linear(h, None, Wv)                     first, when the plan needs V of every live row
+    sel = policy.select(layer, h, plan)                  (SPA: fused proxy projection + drift top-k;
+                                                          dLLM-Cache: cosine of V against the V cache)
     K,V = gather_linear(h, rows, Wk / Wv) -> RoPE(K)     rows = all live rows, or sel (sparse K/V)
           written into the preallocated K/V cache at their absolute positions
     q   = gather_linear(h, sel, Wq) -> RoPE at positions[sel]
-    a   = sparse_attention(q, Kcache, Vcache, key padding)
+    a   = sparse_attention(q, Kcache, Vcache, key padding [, probability rows for the policy])
     o   = a @ Wo ;  y = x[sel] + o ;  f = swiglu_ffn(rms_norm(y))
     out = scatter_residual(x, branch_cache, sel, o + f)  (branch_cache[sel] <- o + f; out = x + branch)
 
 Caches (preallocated once per generation, never grown): K/V (L, B, T, Hkv, Dh) post-RoPE, the branch
-sum ``attn_out + ffn_out`` of generated tokens (L, B, G, d) when the policy reuses it, and the last
-layer's output (B, T, d) from which decisions are read. No host syncs inside a step: every shape
-depends on host-side integers only (budgets, lengths), never on tensor values.
+sum ``attn_out + ffn_out`` of generated tokens (L, B, G, d) when the policy reuses it, every layer's
+output (L, B, T, d) when the policy can switch to full recomputation mid-step (Elastic-Cache), and the
+last layer's output (B, T, d) from which decisions are read. No host syncs inside a step: every shape
+depends on host-side integers only (budgets, lengths, the plan's row count), never on tensor values.
 """
 
 from __future__ import annotations
@@ -63,9 +66,19 @@ class DenoiseRuntime:
             if policy.needs_branch_cache
             else None
         )
+        self.layer_out = (
+            torch.empty(cfg.n_layers, batch, total, cfg.d_model, device=dev, dtype=dt)
+            if policy.needs_layer_outputs
+            else None
+        )
         self.hidden = torch.empty(batch, total, cfg.d_model, device=dev, dtype=dt)
+        # Positions whose last-layer state was recomputed by the latest step (decide_fresh_only).
+        self.fresh = torch.zeros(batch, total, dtype=torch.bool, device=dev)
+        self.layer_values = None  # V of the live rows while select() runs (dense-V plans)
+        self.expanded = False  # whether the latest step switched to full recomputation mid-way
         self.layer_rows = np.zeros(cfg.n_layers, dtype=np.int64)  # recomputed rows per layer (per row)
         self.flops = 0
+        policy.attach(self)
 
     # ------------------------------------------------------------------------------------------
     def drop_rows(self, keep: torch.Tensor) -> None:
@@ -77,81 +90,131 @@ class DenoiseRuntime:
         self.v_cache = self.v_cache[:, keep]
         if self.branch is not None:
             self.branch = self.branch[:, keep]
+        if self.layer_out is not None:
+            self.layer_out = self.layer_out[:, keep]
         self.hidden = self.hidden[keep]
+        self.fresh = self.fresh[keep]
 
-    def _layer_flops(self, batch: int, live: int, sel: int, kv_rows: int) -> int:
+    def _layer_flops(self, batch: int, q_rows: int, k_rows: int, v_rows: int) -> int:
+        """FLOPs of one layer for ``q_rows`` recomputed queries (and FFN rows), K / V over the given rows."""
         cfg = self.model.config
         q_width = cfg.n_heads * cfg.head_dim
         kv_width = cfg.n_kv_heads * cfg.head_dim
         d, f, t = cfg.d_model, cfg.ffn_dim, self.total_len
         per_batch = (
-            2 * kv_rows * d * 2 * kv_width  # K and V
-            + 2 * sel * d * q_width  # Q
-            + 4 * sel * t * q_width  # QK^T and PV
-            + 2 * sel * q_width * d  # output projection
-            + 6 * sel * d * f  # gate, up, down
+            2 * (k_rows + v_rows) * d * kv_width  # K and V
+            + 2 * q_rows * d * q_width  # Q
+            + 4 * q_rows * t * q_width  # QK^T and PV
+            + 2 * q_rows * q_width * d  # output projection
+            + 6 * q_rows * d * f  # gate, up, down
         )
         return batch * per_batch
 
     # ------------------------------------------------------------------------------------------
+    def _live(self, plan: StepPlan) -> tuple[int, int, torch.Tensor | None]:
+        """(start, stop, rows): the contiguous live range, or ``rows`` (B, n) absolute positions."""
+        if plan.rows is not None:
+            rows = plan.rows
+            if rows.dim() != 2 or rows.shape[0] != self.positions.shape[0] or rows.dtype != torch.int64:
+                raise ValueError(
+                    f"plan.rows: expected a ({self.positions.shape[0]}, n) int64 tensor, "
+                    f"got {rows.dtype} {tuple(rows.shape)}"
+                )
+            return 0, self.total_len, rows
+        if plan.region == "all":
+            return 0, self.total_len, None
+        if plan.region == "gen":
+            return self.prompt_len, self.total_len, None
+        lo, hi = plan.region
+        if not 0 <= lo < hi <= self.total_len:
+            raise ValueError(
+                f"plan.region: expected 0 <= start < stop <= {self.total_len}, got {plan.region}"
+            )
+        return lo, hi, None
+
+    def _write_rows(self, cache: torch.Tensor, new: torch.Tensor, lo: int, rows, sub) -> None:
+        """Write ``new`` (B, n, W) into ``cache`` (B, T, ...) at the live rows (``sub``: a subset of them)."""
+        batch, width = new.shape[0], new.shape[-1]
+        if rows is None and sub is None:
+            cache[:, lo : lo + new.shape[1]] = new.view(cache[:, lo : lo + new.shape[1]].shape)
+            return
+        target = (sub + lo) if rows is None else (rows if sub is None else torch.gather(rows, 1, sub))
+        scatter_rows_(cache.view(batch, -1, width), target, new, backend=self.backend, check_indices=False)
+
     def step(self, tokens: torch.Tensor, plan: StepPlan) -> None:
         """Run one denoising step over ``tokens`` (B, T); updates caches and ``self.hidden``."""
-        model, cfg, backend = self.model, self.model.config, self.backend
-        start = 0 if plan.region == "all" else self.prompt_len
-        if plan.region == "gen" and self.branch is None:
-            raise ValueError("plan: region 'gen' needs a policy with needs_branch_cache = True")
-        x = model.embed_tokens(tokens[:, start:])  # (B, R, d)
+        model, cfg, backend, policy = self.model, self.model.config, self.backend, self.policy
+        lo, hi, rows = self._live(plan)
+        prompt_len = self.prompt_len
+        if rows is None:
+            x = model.embed_tokens(tokens[:, lo:hi])  # (B, R, d)
+            pos_live = self.positions[:, lo:hi]
+        else:
+            x = model.embed_tokens(torch.gather(tokens, 1, rows))
+            pos_live = torch.gather(self.positions, 1, rows)
         batch, live = x.shape[:2]
-        pos_live = self.positions[:, start:]
+        # select() indices are relative to the generated region; the live rows start at lo.
+        gen_offset = prompt_len - lo  # 0 for region "gen", P for "all"
+        selectable = rows is None and lo <= prompt_len and hi == self.total_len
         rope = (model.rope_cos, model.rope_sin)
-        hq, hkv, dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kv_width = hkv * dh
+        hq, dh = cfg.n_heads, cfg.head_dim
+        kv_width = cfg.n_kv_heads * cfg.head_dim
+        expanded = False
         for li, layer in enumerate(model.layers):
             h = rms_norm(x, layer.attn_norm, cfg.norm_eps, backend=backend)
-            sel = self.policy.select(li, h, plan)
-            pos_sel = pos_live if sel is None else torch.gather(pos_live, 1, sel)
-            n_sel = live if sel is None else sel.shape[1]
-
-            # K/V: every live row (reference) or only the selected ones (sparse K/V).
-            kv_sel = sel if plan.sparse_kv else None
-            kv_pos = pos_sel if plan.sparse_kv else pos_live
             w_k, w_v = layer.w_kv[:kv_width], layer.w_kv[kv_width:]
             b_k = b_v = None
             if layer.b_kv is not None:
                 b_k, b_v = layer.b_kv[:kv_width], layer.b_kv[kv_width:]
-            k_new = gather_linear(
-                h, kv_sel, w_k, b_k, rope=rope, positions=kv_pos, backend=backend, check_indices=False
-            )
-            v_new = gather_linear(h, kv_sel, w_v, b_v, backend=backend, check_indices=False)
-            k_layer, v_layer = self.k_cache[li], self.v_cache[li]  # (B, T, Hkv, Dh), contiguous
-            if kv_sel is None:
-                k_layer[:, start:] = k_new.view(batch, live, hkv, dh)
-                v_layer[:, start:] = v_new.view(batch, live, hkv, dh)
+            # V of every live row first when the plan needs it densely, so select() can read it.
+            v_dense = not plan.sparse_kv or plan.dense_v or expanded
+            v_new = gather_linear(h, None, w_v, b_v, backend=backend) if v_dense else None
+            self.layer_values = v_new
+            sel = None if expanded else policy.select(li, h, plan)
+            self.layer_values = None
+            if sel is not None and self.branch is None:
+                raise ValueError(f"policy {policy!r}: select() returned rows but needs_branch_cache is False")
+            if sel is not None and not selectable:
+                raise ValueError(
+                    f"policy {policy!r}: select() returned rows for a plan whose live rows do not cover "
+                    "the generated region contiguously"
+                )
+            if sel is not None and gen_offset:
+                # Region "all": every prompt row is recomputed, plus the selected generated rows.
+                prompt_rows = torch.arange(gen_offset, device=sel.device).expand(batch, -1)
+                q_rows = torch.cat([prompt_rows, sel + gen_offset], dim=1)
             else:
-                abs_rows = kv_sel + start
-                scatter_rows_(k_layer.view(batch, -1, kv_width), abs_rows, k_new, backend=backend,
-                              check_indices=False)  # fmt: skip
-                scatter_rows_(v_layer.view(batch, -1, kv_width), abs_rows, v_new, backend=backend,
-                              check_indices=False)  # fmt: skip
+                q_rows = sel
+            pos_q = pos_live if q_rows is None else torch.gather(pos_live, 1, q_rows)
+            n_q = live if q_rows is None else q_rows.shape[1]
+
+            kv_rows = q_rows if (plan.sparse_kv and not expanded) else None
+            kv_pos = pos_q if kv_rows is not None else pos_live
+            k_new = gather_linear(
+                h, kv_rows, w_k, b_k, rope=rope, positions=kv_pos, backend=backend, check_indices=False
+            )
+            if v_new is None:
+                v_new = gather_linear(h, kv_rows, w_v, b_v, backend=backend, check_indices=False)
+            k_layer, v_layer = self.k_cache[li], self.v_cache[li]  # (B, T, Hkv, Dh), contiguous
+            self._write_rows(k_layer, k_new, lo, rows, kv_rows)
+            self._write_rows(v_layer, v_new, lo, rows, None if v_dense else kv_rows)
 
             q = gather_linear(
-                h,
-                sel,
-                layer.w_q,
-                layer.b_q,
-                rope=rope,
-                positions=pos_sel,
-                backend=backend,
+                h, q_rows, layer.w_q, layer.b_q, rope=rope, positions=pos_q, backend=backend,
                 check_indices=False,
-            )
-            attn, _ = sparse_attention(
-                q.view(batch, n_sel, hq, dh), k_layer, v_layer, self.key_padding, backend=backend
-            )
-            o = gather_linear(
-                attn.reshape(batch, n_sel, hq * dh), None, layer.w_o, layer.b_o, backend=backend
-            )
-            y = x if sel is None else torch.gather(x, 1, sel.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-            y = y + o
+            )  # fmt: skip
+            prob_rows = None if expanded else policy.attention_rows(li, plan)
+            attn, probs = sparse_attention(
+                q.view(batch, n_q, hq, dh), k_layer, v_layer, self.key_padding, prob_rows=prob_rows,
+                backend=backend, check_indices=False,
+            )  # fmt: skip
+            if probs is not None:
+                policy.observe_attention(li, probs)
+            o = gather_linear(attn.reshape(batch, n_q, hq * dh), None, layer.w_o, layer.b_o, backend=backend)
+            if q_rows is None:
+                y = x + o
+            else:
+                y = torch.gather(x, 1, q_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1])) + o
             g = rms_norm(y, layer.ffn_norm, cfg.norm_eps, backend=backend)
             ffn = gather_linear(
                 gather_swiglu(g, None, layer.w_gate, layer.w_up, backend=backend), None, layer.w_down,
@@ -160,15 +223,39 @@ class DenoiseRuntime:
             delta = o + ffn
             if sel is None:
                 x = x + delta
-                if self.branch is not None:
-                    gen_from = self.prompt_len - start  # 0 for region "gen", P for "all"
-                    self.branch[li].copy_(delta[:, gen_from:])
+                if self.branch is not None and rows is None and hi == self.total_len:
+                    # The branch cache covers the generated region [P, T).
+                    first = max(lo, prompt_len)
+                    self.branch[li][:, first - prompt_len :].copy_(delta[:, first - lo :])
             else:
-                x = scatter_residual(x, self.branch[li], sel, delta, backend=backend, check_indices=False)
+                x_gen = scatter_residual(
+                    x[:, gen_offset:], self.branch[li], sel, delta[:, gen_offset:], backend=backend,
+                    check_indices=False,
+                )  # fmt: skip
+                if gen_offset:  # region "all": the prompt rows were all recomputed
+                    x_gen = torch.cat([x[:, :gen_offset] + delta[:, :gen_offset], x_gen], dim=1)
+                x = x_gen
 
-            self.layer_rows[li] += n_sel * batch
-            self.flops += self._layer_flops(batch, live, n_sel, n_sel if plan.sparse_kv else live)
-        self.hidden[:, start:] = x
+            self.layer_rows[li] += n_q * batch
+            k_count = n_q if kv_rows is not None else live
+            self.flops += self._layer_flops(batch, n_q, k_count, live if v_dense else k_count)
+
+            if self.layer_out is not None:
+                self._write_rows(self.layer_out[li], x, lo, rows, None)
+                if not expanded and policy.expand_after(li, plan) and li + 1 < len(model.layers):
+                    # Deeper layers recompute every position from this layer's (partly cached) output.
+                    expanded = True
+                    x = self.layer_out[li].clone()
+                    lo, hi, rows, live = 0, self.total_len, None, self.total_len
+                    pos_live = self.positions
+                    gen_offset, selectable = prompt_len, False
+        self._write_rows(self.hidden, x, lo, rows, None)
+        self.fresh.zero_()
+        if rows is None:
+            self.fresh[:, lo:hi] = True
+        else:
+            self.fresh.scatter_(1, rows, True)
+        self.expanded = expanded
 
     # ------------------------------------------------------------------------------------------
     def decide(
@@ -184,7 +271,11 @@ class DenoiseRuntime:
         rows = torch.gather(self.hidden, 1, src.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
         normed = rms_norm(rows, model.final_norm, cfg.norm_eps, backend=self.backend)
         self.flops += 2 * rows.shape[0] * rows.shape[1] * cfg.d_model * model.lm_head.shape[0]
-        return token_confidence(
+        token, conf = token_confidence(
             normed, model.lm_head, None, temperature=temperature, seed=seed, suppress_token=model.mask_id,
             backend=self.backend, check_indices=False,
         )  # fmt: skip
+        if self.policy.decide_fresh_only:
+            # A stale hidden state must never be committed: its confidence drops below every fresh one.
+            conf = conf.masked_fill(~torch.gather(self.fresh, 1, src), float("-inf"))
+        return token, conf

@@ -32,14 +32,8 @@ import pathlib
 import torch
 
 from spacache_kernels.ops.proxy import proxy_select, svd_proxy
-from spacache_kernels.policies.base import CachePolicy, GenerationShape, StepPlan
+from spacache_kernels.policies.base import CachePolicy, GenerationShape, StepPlan, check_positive_int
 from spacache_kernels.policies.budget import ARCH_PRESET, PRESETS, update_ratios
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 class SpaCache(CachePolicy):
@@ -91,8 +85,8 @@ class SpaCache(CachePolicy):
         self.max_update_ratio = max_update_ratio
         self.avg_update_ratio = avg_update_ratio
         self.budget = budget
-        self.refresh_steps = _positive_int("refresh_steps", refresh_steps)
-        self.refresh_gen_steps = _positive_int("refresh_gen_steps", refresh_gen_steps)
+        self.refresh_steps = check_positive_int("refresh_steps", refresh_steps)
+        self.refresh_gen_steps = check_positive_int("refresh_gen_steps", refresh_gen_steps)
         self.sparse_kv = bool(sparse_kv)
         self.preset = preset
         self.min_update_ratio = min_update_ratio
