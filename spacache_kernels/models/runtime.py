@@ -203,7 +203,8 @@ class DenoiseRuntime:
                 h, q_rows, layer.w_q, layer.b_q, rope=rope, positions=pos_q, backend=backend,
                 check_indices=False,
             )  # fmt: skip
-            prob_rows = None if expanded else policy.attention_rows(li, plan)
+            self.expanded = expanded  # tells attention_rows() which row space the queries are in
+            prob_rows = policy.attention_rows(li, plan)
             attn, probs = sparse_attention(
                 q.view(batch, n_q, hq, dh), k_layer, v_layer, self.key_padding, prob_rows=prob_rows,
                 backend=backend, check_indices=False,

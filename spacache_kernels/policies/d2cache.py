@@ -1,0 +1,248 @@
+"""d2Cache (Jiang et al., arXiv 2509.23094): dual adaptive caching by certainty density and
+attention rollout.
+
+Rules (ALGORITHMS.md; the authors' ``d2Cache`` class):
+
+* Cached: K/V of every token in every layer. A token that is not selected skips the network entirely
+  in that step (its K/V stay as they are; its logits are not recomputed, so it cannot be committed:
+  ``decide_fresh_only``).
+* Step 0 runs every token. After each step, the next step's token set is chosen:
+
+  1. certainty density ``d_i = sum_j K(i - j) m_j / sum_j K(i - j)`` with ``K(D) = exp(-D^2 /
+     (2 sigma^2))`` over all positions, ``m_j = 1`` for decoded positions (the prompt counts as
+     decoded); score = cached confidence * density, plus the row's maximum score for the tokens of the
+     current block; the ``k`` best still-masked tokens inside the window from the block start to the
+     block boundary at or after the position where the cumulative masked count reaches ``k``. The
+     cached confidence of a masked token is refreshed whenever it was run (its last logits).
+     For models with shifted logits (Dream) the token before each selected one is selected too.
+  2. every token decoded in this step.
+  3. attention rollout over the layers, ``R <- rownorm(mean_heads(A) + I) @ R`` with identity rows
+     for tokens that did not run; importance = column sums of R; the nucleus (cumulative share of
+     the importance <= ``rollout_p``, at least one token) of the tokens not selected yet.
+  4. ``inflate_w > 0``: gaps of at most ``inflate_w`` positions between two selected tokens are
+     filled.
+
+Defaults: k 32, sigma 10, rollout_p 0.1, inflate_w 0; the paper decodes one token per step with one
+block spanning the whole answer (gen 256, steps 256, block 256).
+
+Rollout without T x T products: only the column sums ``1^T M_L ... M_1`` are needed, so the policy
+keeps each layer's head-averaged probability rows of the tokens that ran (n x T) and multiplies a row
+vector through the layers from the last one down: ``v <- v M_l`` touches only the n non-identity rows,
+O(L n T) per step instead of the reference's O(L T^3), and exact (tested against the explicit product).
+Deviation: the block bonus uses the row's own maximum score rather than the maximum over the batch
+(the ranking inside a row is the same), so a batch decodes like its rows would alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spacache_kernels.policies._rows import distinct_rows, rows_from_mask
+from spacache_kernels.policies.base import CachePolicy, DecodeState, StepPlan, check_positive_int
+
+
+def certainty_density(
+    decoded: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prompt_len: int, sigma: float
+) -> torch.Tensor:
+    """(B, G) density of decoded positions around each generated position.
+
+    decoded: (B, G) bool for the generated region (the prompt counts as decoded); positions: (B, T)
+    the tokens' position ids; valid: (B, T) bool, False at left padding (left out of both sums, so a
+    padded row scores like the same row alone). ``d_i = sum_j K(p_i - p_j) m_j / sum_j K(p_i - p_j)``.
+    """
+    batch = decoded.shape[0]
+    pos = positions.float()
+    dist = pos[:, prompt_len:, None] - pos[:, None, :]  # (B, G, T)
+    kernel = torch.exp(-(dist**2) / (2 * sigma**2)) * valid[:, None, :]
+    m = torch.cat([decoded.new_ones(batch, prompt_len), decoded], dim=1).float()  # (B, T)
+    return torch.einsum("bgt,bt->bg", kernel, m) / kernel.sum(dim=-1)
+
+
+def rollout_importance(
+    layer_probs: list[tuple[torch.Tensor, torch.Tensor]], valid: torch.Tensor
+) -> torch.Tensor:
+    """Column sums of the attention rollout ``M_L ... M_1`` (B, T), without forming any T x T matrix.
+
+    layer_probs: per layer, ``(rows (B, n) positions that ran, probs (B, n, T) head-mean rows)``;
+    rows repeated as padding must be marked by zero probability rows (their weight is dropped).
+    valid: (B, T) bool, False at left padding (those rows are left out of the column sums).
+    ``M_l`` has ``(A_i + e_i) / sum(A_i + e_i)`` at the rows that ran and ``e_i`` elsewhere.
+    """
+    v = valid.float()
+    for rows, probs in reversed(layer_probs):
+        m_rows = probs + torch.zeros_like(probs).scatter_(2, rows.unsqueeze(-1), 1.0)
+        m_rows = m_rows / m_rows.sum(dim=-1, keepdim=True)
+        weight = torch.gather(v, 1, rows)  # v_i of the rows that ran
+        valid = probs.sum(dim=-1) > 0
+        weight = weight * valid
+        # Rows that ran replace their identity contribution v_i e_i by v_i * M_l[i].
+        v = v - torch.zeros_like(v).scatter_add_(1, rows, weight)
+        v = v + torch.einsum("bn,bnt->bt", weight, m_rows)
+    return v
+
+
+def nucleus(importance: torch.Tensor, candidates: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, T) bool: per row the most important candidates whose cumulative share stays <= p (>= 1)."""
+    imp = importance.masked_fill(~candidates, 0.0).clamp_min(0)
+    share = imp / imp.sum(dim=1, keepdim=True).clamp_min(1e-30)
+    ordered, order = share.sort(dim=1, descending=True, stable=True)
+    keep = ordered.cumsum(dim=1) <= p
+    keep[:, 0] = True
+    keep &= ordered > 0
+    return torch.zeros_like(candidates).scatter_(1, order, keep) & candidates
+
+
+def inflate(selected: torch.Tensor, width: int) -> torch.Tensor:
+    """Fill every gap of at most ``width`` unselected positions between two selected ones."""
+    if width <= 0:
+        return selected
+    total = selected.shape[1]
+    pos = torch.arange(total, device=selected.device).expand_as(selected)
+    prev = torch.where(selected, pos, -1).cummax(dim=1).values
+    nxt = torch.where(selected, pos, total).flip(1).cummin(dim=1).values.flip(1)
+    gap = nxt - prev
+    return selected | ((prev >= 0) & (nxt < total) & (gap - 1 <= width))
+
+
+class D2Cache(CachePolicy):
+    """d2Cache policy (see the module docstring).
+
+    Args:
+        k: masked tokens chosen by certainty density per step.
+        sigma: width of the density kernel (positions).
+        rollout_p: nucleus share of the attention-rollout importance, in [0, 1].
+        inflate_w: fill gaps up to this width between selected tokens (0: off).
+        refresh_interval: also run every token every this many steps (None: only at step 0, as the
+            reference; an extension for long generations and for testing).
+    """
+
+    name = "d2cache"
+    lockstep_blocks = True
+    decide_fresh_only = True
+
+    def __init__(
+        self,
+        k: int = 32,
+        sigma: float = 10.0,
+        rollout_p: float = 0.1,
+        inflate_w: int = 0,
+        refresh_interval: int | None = None,
+        backend=None,
+    ):
+        self.k = check_positive_int("k", k)
+        if refresh_interval is not None:
+            refresh_interval = check_positive_int("refresh_interval", refresh_interval)
+        self.refresh_interval = refresh_interval
+        if (
+            isinstance(sigma, bool)
+            or not isinstance(sigma, (int, float))
+            or not sigma > 0
+            or not math.isfinite(sigma)
+        ):
+            raise ValueError(f"sigma: expected a positive finite number, got {sigma!r}")
+        if isinstance(rollout_p, bool) or not isinstance(rollout_p, (int, float)) or not 0 <= rollout_p <= 1:
+            raise ValueError(f"rollout_p: expected a value in [0, 1], got {rollout_p!r}")
+        if isinstance(inflate_w, bool) or not isinstance(inflate_w, int) or inflate_w < 0:
+            raise ValueError(f"inflate_w: expected an int >= 0, got {inflate_w!r}")
+        self.sigma, self.rollout_p, self.inflate_w = float(sigma), float(rollout_p), inflate_w
+        self.backend = backend
+
+    def reset(self, model, shape) -> None:
+        super().reset(model, shape)
+        self.shift = bool(model.config.shift_logits)
+        self.next_rows: torch.Tensor | None = None
+        self.conf = torch.zeros(shape.batch, shape.gen_len, device=shape.device)
+        self._plan_rows: torch.Tensor | None = None
+        self._layer_probs: list = []
+
+    def plan(self, step: int) -> StepPlan:
+        self._layer_probs = []
+        periodic = self.refresh_interval is not None and step % self.refresh_interval == 0
+        if self.next_rows is None or periodic:
+            self._plan_rows = None
+            return StepPlan(region="all", kind="full")
+        self._plan_rows = self.next_rows
+        return StepPlan(region="all", kind="sparse", rows=self.next_rows)
+
+    def attention_rows(self, layer, plan):
+        n = self.shape.prompt_len + self.shape.gen_len if plan.rows is None else plan.rows.shape[1]
+        return torch.arange(n, device=self.shape.device).expand(self.runtime.positions.shape[0], -1)
+
+    def observe_attention(self, layer, probs):
+        mean = probs.mean(dim=2)  # (B, n, T): head-averaged rows
+        batch, total = mean.shape[0], mean.shape[2]
+        if self._plan_rows is None:
+            rows = torch.arange(total, device=mean.device).expand(batch, -1)
+        else:
+            rows = self._plan_rows
+            mean = mean * distinct_rows(rows).unsqueeze(-1)  # padding repeats carry no weight
+        self._layer_probs.append((rows, mean))
+
+    def end_step(self, state: DecodeState) -> None:
+        prompt_len, gen_len = self.shape.prompt_len, self.shape.gen_len
+        runtime, tokens = self.runtime, state.tokens
+        batch, total = tokens.shape
+        # Refresh the cached confidence of every generated token whose logits this step recomputed
+        # (the LM head only over the rows that ran).
+        ran = self._plan_rows
+        if ran is None:
+            ran = torch.arange(total, device=tokens.device).expand(batch, -1)
+        target = ran + 1 if self.shift else ran  # the token each row's logits predict
+        valid = (target >= prompt_len) & (target < total)
+        target = target.clamp(prompt_len, total - 1)
+        _, conf = runtime.decide(target)
+        # Invalid entries (prompt rows, clamped) write into a spare last column that is dropped.
+        slot = torch.where(valid, target - prompt_len, gen_len)
+        padded = torch.cat([self.conf, self.conf.new_zeros(batch, 1)], dim=1)
+        # A token whose logits came from a stale state has confidence -inf; it scores as 0 here.
+        conf = torch.nan_to_num(conf.float(), neginf=0.0)
+        self.conf = padded.scatter(1, slot, conf)[:, :gen_len]
+        self.flops += 2 * target.numel() * self.model.config.d_model * self.model.lm_head.shape[0]
+
+        remaining = tokens[:, prompt_len:] == state.mask_id  # (B, G) after this step's commit
+        block = state.block_length
+        meets = remaining.long().cumsum(dim=1) >= self.k
+        first_end = torch.where(
+            meets.any(1), meets.long().argmax(1), torch.full_like(meets[:, 0], gen_len - 1, dtype=torch.long)
+        )
+        search_end = (first_end // block + 1) * block - 1
+        block_start = (state.block_start - prompt_len).unsqueeze(1)
+        col = torch.arange(gen_len, device=tokens.device).unsqueeze(0)
+        in_block = (col >= block_start) & (col < block_start + block)
+        window = (col >= block_start) & (col <= search_end.unsqueeze(1))
+
+        valid = (
+            torch.ones_like(tokens, dtype=torch.bool) if runtime.key_padding is None else ~runtime.key_padding
+        )
+        density = certainty_density(~remaining, runtime.positions, valid, prompt_len, self.sigma)
+        scores = self.conf * density
+        scores = torch.where(in_block, scores + scores.max(dim=1, keepdim=True).values, scores)
+        scores = scores.masked_fill(~(window & remaining), float("-inf"))
+        top = scores.topk(min(self.k, gen_len), dim=1).indices
+        chosen = torch.zeros_like(remaining).scatter_(1, top, True) & remaining & window
+        if self.shift:  # the logits of token i come from position i - 1: run that one instead
+            selected = torch.cat(
+                [chosen.new_zeros(batch, prompt_len - 1), chosen, chosen.new_zeros(batch, 1)], 1
+            )
+        else:
+            selected = torch.cat([chosen.new_zeros(batch, prompt_len), chosen], dim=1)
+        if state.committed is not None:
+            selected |= state.committed
+        if self.rollout_p > 0 and self._layer_probs:
+            importance = rollout_importance(self._layer_probs, valid)
+            selected |= nucleus(importance, ~selected & valid, self.rollout_p)
+        selected = inflate(selected, self.inflate_w)
+        self.next_rows = rows_from_mask(selected)
+        self._layer_probs = []
+
+    def drop_rows(self, keep) -> None:
+        self.conf = self.conf[keep]
+        if self.next_rows is not None:
+            self.next_rows = self.next_rows[keep]
+
+    def __repr__(self) -> str:
+        return (
+            f"D2Cache(k={self.k}, sigma={self.sigma}, rollout_p={self.rollout_p}, inflate_w={self.inflate_w})"
+        )

@@ -1,0 +1,151 @@
+"""Elastic-Cache (Nguyen-Tri et al., arXiv 2510.14973): sliding-window queries and attention-drift
+triggered, depth-wise cache refresh.
+
+Rules (ALGORITHMS.md):
+
+* Sliding window: only the first ``window`` (beta = 16) still-masked positions of the answer are live
+  queries; masked tokens beyond it keep their cached K/V. The live set of a step is the window, the
+  tokens decoded in the previous step, and the tracked tokens.
+* Per layer, the policy tracks the ``track_num`` (1) decoded tokens that the window's queries attend to
+  most (head-averaged probabilities, summed over the window rows). Going down the layers of a reuse
+  step, the tracked token's attention row (head-averaged, over all keys) is compared with its cached
+  row; the first layer where the cosine drops below ``gamma`` (0.9) switches every deeper layer to a
+  full recomputation of all tokens, overwriting their caches. The first step computes everything.
+* Only the window rows, the tracked rows and nothing else have their attention probabilities read:
+  they come from the attention kernel's probability-row option, never a full eager attention.
+* Commit rule: ``generate``'s unmasking rule (the paper uses threshold 0.9) restricted to tokens that
+  ran in the step (``decide_fresh_only``), i.e. to the window in reuse steps.
+
+Deviations: a drift trigger in any batch row expands the deeper layers of the whole batch (the
+reference decodes one sequence at a time; the per-row decision would need ragged layer work). A
+newly tracked token has no cached row yet; its first comparison happens the step after it becomes
+tracked. Expanded layers also refresh the tracked rows' cached attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spacache_kernels.ops.reference import cosine_rows
+from spacache_kernels.policies._rows import rows_from_mask
+from spacache_kernels.policies.base import (
+    CachePolicy,
+    DecodeState,
+    StepPlan,
+    check_fraction,
+    check_positive_int,
+)
+
+
+class ElasticCache(CachePolicy):
+    """Elastic-Cache policy (see the module docstring).
+
+    Args:
+        window: beta, the number of leading masked positions that are live queries.
+        gamma: attention-drift threshold in [0, 1] (cosine below it triggers the refresh).
+        track_num: tracked decoded tokens per layer.
+        refresh_interval: also recompute everything every this many steps (None: only at step 0, as
+            the reference; an extension for long generations and for testing).
+    """
+
+    name = "elastic"
+    lockstep_blocks = True
+    decide_fresh_only = True
+    needs_layer_outputs = True
+
+    def __init__(
+        self, window: int = 16, gamma: float = 0.9, track_num: int = 1, refresh_interval: int | None = None,
+        backend=None,
+    ):  # fmt: skip
+        self.window = check_positive_int("window", window)
+        self.refresh_interval = (
+            None if refresh_interval is None else check_positive_int("refresh_interval", refresh_interval)
+        )
+        self.gamma = check_fraction("gamma", gamma, low_open=False)
+        self.track_num = check_positive_int("track_num", track_num)
+        self.backend = backend
+
+    def reset(self, model, shape) -> None:
+        super().reset(model, shape)
+        n_layers, batch, total = model.config.n_layers, shape.batch, shape.prompt_len + shape.gen_len
+        self.tracked = torch.zeros(n_layers, batch, self.track_num, dtype=torch.int64, device=shape.device)
+        self.cached_rows = torch.zeros(n_layers, batch, self.track_num, total, device=shape.device)
+        self.has_cached = torch.zeros(n_layers, batch, self.track_num, dtype=torch.bool, device=shape.device)
+        self.triggers = 0  # layers at which a drift refresh started, summed over steps
+        self._first = True
+
+    # -- per step ------------------------------------------------------------------------------
+    def begin_step(self, state: DecodeState) -> None:
+        super().begin_step(state)
+        prompt_len = self.shape.prompt_len
+        masked = state.tokens == state.mask_id
+        masked[:, :prompt_len] = False
+        rank = masked.long().cumsum(dim=1)
+        self._window = masked & (rank <= self.window)  # (B, T) the first `window` masked positions
+        self._decoded = ~(state.tokens == state.mask_id)
+        self._drift = None
+
+    def plan(self, step: int) -> StepPlan:
+        if self._first or (self.refresh_interval is not None and step % self.refresh_interval == 0):
+            self._full = True
+            self._rows = None
+            return StepPlan(region="all", kind="full")
+        self._full = False
+        live = self._window.clone()
+        if self.state.committed is not None:
+            live |= self.state.committed
+        live.scatter_(1, self.tracked.permute(1, 0, 2).reshape(live.shape[0], -1), True)
+        self._rows = rows_from_mask(live)
+        return StepPlan(region="all", kind="window", rows=self._rows)
+
+    def _query_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Indices of absolute ``positions`` (B, m) among this layer's query rows."""
+        if self._rows is None or self.runtime.expanded:
+            return positions
+        return torch.searchsorted(self._rows, positions)
+
+    def attention_rows(self, layer, plan):
+        batch = self._window.shape[0]
+        window_pos = rows_from_mask(self._window, count=self.window)  # (B, window), padded by repeats
+        self._window_pos = window_pos
+        tracked = self.tracked[layer]
+        return self._query_index(torch.cat([window_pos, tracked], dim=1)).view(batch, -1)
+
+    def observe_attention(self, layer, probs):
+        mean = probs.mean(dim=2)  # (B, m, T) head-averaged rows
+        n_win = self._window_pos.shape[1]
+        window_rows, tracked_rows = mean[:, :n_win], mean[:, n_win:]
+        # Drift test of the tracked tokens against their cached rows (reuse steps only).
+        if not self._full and not self.runtime.expanded:
+            cos = cosine_rows(tracked_rows, self.cached_rows[layer])
+            drift = (cos < self.gamma) & self.has_cached[layer]
+            self._drift = bool(drift.any())
+        else:
+            self._drift = False
+        self.cached_rows[layer] = tracked_rows
+        self.has_cached[layer] = True
+        # Re-pick the most attended decoded tokens (distinct window rows only: drop padding repeats).
+        distinct = torch.ones_like(self._window_pos, dtype=torch.bool)
+        distinct[:, 1:] = self._window_pos[:, 1:] != self._window_pos[:, :-1]
+        attended = (window_rows * distinct.unsqueeze(-1)).sum(dim=1).masked_fill(~self._decoded, -1.0)
+        new_tracked = attended.topk(self.track_num, dim=1).indices
+        changed = new_tracked != self.tracked[layer]
+        self.has_cached[layer] &= ~changed
+        self.tracked[layer] = new_tracked
+
+    def expand_after(self, layer, plan) -> bool:
+        if self._drift:
+            self.triggers += 1
+            return True
+        return False
+
+    def end_step(self, state: DecodeState) -> None:
+        self._first = False
+
+    def drop_rows(self, keep) -> None:
+        self.tracked = self.tracked[:, keep]
+        self.cached_rows = self.cached_rows[:, keep]
+        self.has_cached = self.has_cached[:, keep]
+
+    def __repr__(self) -> str:
+        return f"ElasticCache(window={self.window}, gamma={self.gamma}, track_num={self.track_num})"
