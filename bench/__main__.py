@@ -1,9 +1,14 @@
-"""``make bench`` / ``python -m bench``: run the kernel microbenchmarks and print one table.
+"""``make bench`` / ``python -m bench``: kernel microbenchmarks, then end-to-end policy throughput.
 
 On a CUDA machine every op runs through its Triton kernel and the torch reference (and the named
 baselines) at LLaDA-8B / Dream-7B shapes, with % of this device's measured peak. On a CPU-only
 machine the torch path runs at small shapes and the header says that the Triton kernels need a GPU.
 The raw pytest-benchmark JSON (with every figure in ``extra_info``) is saved under ``bench/results/``.
+
+Then the end-to-end policy throughput harness (``bench/e2e.py``) runs every registered caching policy
+at random-weight model shapes in the SPA-Cache GSM8K and Fast-dLLM settings, prints its table, saves
+``bench/results/e2e-<stamp>.json`` and regenerates its marked section of ``docs/benchmarks.md`` (with
+a speed-vs-update-ratio plot under ``docs/img/``). ``--skip-kernels`` / ``--skip-e2e`` run one half.
 """
 
 from __future__ import annotations
@@ -66,9 +71,30 @@ def header() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("-k", dest="select", default=None, help="pytest -k expression to pick benchmarks")
-    parser.add_argument("--json", default=None, help="output JSON path (default bench/results/<stamp>.json)")
-    args, passthrough = parser.parse_known_args(argv)
+    parser.add_argument("--json", default=None, help="kernel JSON (default bench/results/kernels-*.json)")
+    parser.add_argument("--skip-kernels", action="store_true", help="skip the kernel microbenchmarks")
+    parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end policy harness")
+    from bench import e2e
 
+    e2e.add_arguments(parser)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, passthrough = parser.parse_known_args(argv)
+    e2e_config = None
+    if not args.skip_e2e:
+        try:  # bad e2e options fail now, not after the kernel benchmarks
+            e2e_config = e2e.config_from_args(args)
+        except ValueError as exc:
+            parser.error(str(exc))
+
+    status = 0 if args.skip_kernels else run_kernels(args, passthrough)
+    if e2e_config is not None:
+        print(flush=True)
+        e2e.run(e2e_config, args, e2e.command_line(argv))
+    return status
+
+
+def run_kernels(args: argparse.Namespace, passthrough: list[str]) -> int:
+    """The pytest-benchmark microbenchmarks: header, table, JSON; returns pytest's exit status."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_json = pathlib.Path(args.json) if args.json else RESULTS / f"kernels-{stamp}.json"

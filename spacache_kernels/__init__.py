@@ -10,7 +10,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "generate": ("spacache_kernels.generate", "generate"),
     "GenerationOutput": ("spacache_kernels.generate", "GenerationOutput"),
     "load_model": ("spacache_kernels.models", "load_model"),
     "DiffusionLM": ("spacache_kernels.models", "DiffusionLM"),
@@ -29,4 +28,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'spacache_kernels' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_LAZY]
+# Imported eagerly (torch, no triton) so that the name is the function: importing the
+# `spacache_kernels.generate` submodule first would otherwise bind the package attribute to the module.
+from spacache_kernels.generate import generate  # noqa: E402
+
+__all__ = ["__version__", "generate", *_LAZY]

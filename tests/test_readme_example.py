@@ -18,3 +18,10 @@ def test_readme_op_example_runs_and_matches_reference():
     w_q = torch.randn(40, d, generator=g)
     q_sel = gather_linear(hidden, update_idx, w_q)
     torch.testing.assert_close(q_sel, reference.gather_linear(hidden, update_idx, w_q), atol=1e-4, rtol=1e-4)
+
+
+def test_package_generate_is_the_function_even_after_the_submodule_import():
+    import spacache_kernels.generate  # noqa: F401  (binds the submodule first)
+    from spacache_kernels import generate
+
+    assert callable(generate) and generate.__name__ == "generate"
