@@ -61,16 +61,24 @@ def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps_per_block)]
 
 
+def _rank_key(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Confidence as a ranking key: -inf where not masked, and a masked position whose confidence is
+    -inf (a stale state under ``decide_fresh_only``) still ranks above every unmasked one, so each
+    rule always makes progress while fresh positions keep priority."""
+    lowest = torch.finfo(conf.dtype).min
+    return torch.where(masked, torch.nan_to_num(conf, nan=lowest, neginf=lowest), float("-inf"))
+
+
 def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
     """(B, b) bool: the most confident masked position plus every masked one with conf >= tau."""
-    conf = conf.masked_fill(~masked, float("-inf"))
+    conf = _rank_key(conf, masked)
     best = torch.zeros_like(masked).scatter_(1, conf.argmax(1, keepdim=True), True)
     return masked & (best | (conf >= threshold))
 
 
 def factor_commit(conf: torch.Tensor, masked: torch.Tensor, factor: float) -> torch.Tensor:
     """(B, b) bool: the largest n with ``c_(j) >= 1 - f/(j+1)`` for all j <= n (j = 1 always)."""
-    conf = conf.masked_fill(~masked, float("-inf"))
+    conf = _rank_key(conf, masked)
     ordered, order = conf.sort(dim=1, descending=True)
     j = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=conf.dtype)
     passes = ordered >= 1 - factor / (j + 1)
@@ -84,7 +92,7 @@ def fixed_commit(conf: torch.Tensor, masked: torch.Tensor, count: int) -> torch.
     """(B, b) bool: the ``count`` most confident masked positions of each row."""
     if count == 0:
         return torch.zeros_like(masked)
-    conf = conf.masked_fill(~masked, float("-inf"))
+    conf = _rank_key(conf, masked)
     top = conf.topk(count, dim=1).indices
     return torch.zeros_like(masked).scatter_(1, top, True) & masked
 

@@ -43,3 +43,16 @@ def test_factor_commit_ignores_unmasked_and_commits_at_least_one():
     masked = torch.tensor([[True, False, True]])
     got = factor_commit(conf, masked, 1.0)
     assert got.tolist() == [[True, False, False]]
+
+
+def test_rules_prefer_fresh_masked_and_still_progress_when_all_masked_are_stale():
+    inf = float("inf")
+    # Row 0: position 0 is decoded, the masked ones are all stale (-inf): one of them is still taken.
+    # Row 1: a fresh masked position (0.2) beats a stale one and every unmasked one.
+    conf = torch.tensor([[0.9, -inf, -inf, -inf], [0.99, -inf, 0.2, 0.97]])
+    masked = torch.tensor([[False, True, True, True], [False, True, True, False]])
+    for rule in (lambda c, m: threshold_commit(c, m, 0.9), lambda c, m: factor_commit(c, m, 1.0),
+                 lambda c, m: fixed_commit(c, m, 1)):  # fmt: skip
+        got = rule(conf, masked)
+        assert got[0].sum() == 1 and (got[0] <= masked[0]).all()
+        assert got[1].tolist() == [False, False, True, False]

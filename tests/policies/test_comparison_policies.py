@@ -314,3 +314,23 @@ def test_presets_by_name():
 def test_bad_parameters_rejected(build, match):
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: DLLMCache(prompt_interval=3, gen_interval=4, ratio=0.5),  # dense V + sparse K, "prompt" steps
+        FastDLLMDual,  # range regions
+        lambda: D2Cache(k=2, rollout_p=0.2),  # padded row sets, probability rows
+        lambda: ElasticCache(window=2, gamma=1.0),  # row sets, mid-step expansion
+    ],
+)
+def test_triton_path_matches_torch_path(llada, build):
+    # The Triton kernels (the interpreter on the CPU) on the same plans as the torch reference.
+    ids = prompts(2, seed=10)
+    kw = dict(gen_length=8, steps=8, block_length=4)
+    by_torch = run(llada, ids, build(), backend="torch", **kw)
+    by_triton = run(llada, ids, build(), backend="triton", **kw)
+    assert torch.equal(by_triton.sequences, by_torch.sequences)
+    assert by_triton.stats.plan_kinds == by_torch.stats.plan_kinds
+    assert by_triton.stats.layer_recomputed_tokens == by_torch.stats.layer_recomputed_tokens
