@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed
 ARGS    ?=
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install test test-gpu bench lint clean
+.PHONY: install test test-gpu bench eval lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test-gpu: install
 
 bench: install
 	$(VPY) -m bench $(ARGS)
+
+# Generation quality of every caching policy on the tiny trained checkpoint (CPU, a few minutes).
+eval: install
+	$(VPY) -m bench.eval $(ARGS)
 
 lint: install
 	$(VPY) -m ruff check spacache_kernels tests bench

@@ -1,0 +1,331 @@
+"""lm-evaluation-harness model ``spacache``: generative evaluation of diffusion LMs under a caching policy.
+
+    pip install -e '.[lm_eval]'
+    python -m spacache_kernels.lm_eval_model install-hook      # once: makes `lm_eval --model spacache` work
+    lm_eval --model spacache \\
+        --model_args pretrained=/models/LLaDA-8B-Instruct,policy=spa,gen_length=256,block_length=8 \\
+        --tasks gsm8k --num_fewshot 4 --batch_size 16
+
+Registration. lm-eval 0.4.x discovers models only through its own registry (``lm_eval.models.
+MODEL_MAPPING`` plus ``@register_model`` at import time); it has no entry-point group for external
+models. So there are three ways in, all registering the same class under the name ``spacache``:
+
+* ``import spacache_kernels.lm_eval_model`` before calling ``lm_eval.simple_evaluate(model="spacache")``;
+* ``python -m spacache_kernels.lm_eval_model <lm_eval arguments>`` (also ``accelerate launch -m
+  spacache_kernels.lm_eval_model ...``): the ``lm_eval`` CLI with the model registered;
+* the import hook (:mod:`spacache_kernels._lm_eval_hook`), installed as a one-line ``.pth`` file in
+  site-packages by ``install-hook``: whenever any program imports ``lm_eval.api.registry`` the name
+  ``spacache`` is registered lazily (no torch import until the model is used), so the stock ``lm_eval``
+  and ``accelerate launch -m lm_eval`` commands find ``--model spacache``.
+
+Model arguments (``--model_args key=value,...``):
+
+* ``pretrained``: checkpoint directory (LLaDA / Dream layout, see ``load_model``).
+* ``policy``: a registered policy name (``spacache_kernels.policies.POLICIES``); any further
+  argument the policy's constructor accepts (``max_update_ratio``, ``proxy_rank``, ``refresh_steps``,
+  ...) is passed to it.
+* ``gen_length``, ``steps`` (default = gen_length), ``block_length``, ``threshold`` / ``factor``,
+  ``temperature``, ``backend`` ("auto" | "triton" | "torch"), ``device``, ``dtype`` (default bfloat16
+  on CUDA, float32 on the CPU), ``batch_size``.
+* ``tokenizer``: a tokenizer directory (default ``pretrained``). A directory with a
+  ``char_tokenizer.json`` uses the tiny char tokenizer (:mod:`spacache_kernels.tiny_dlm`); anything else
+  is loaded with ``transformers.AutoTokenizer`` (imported lazily), ``trust_remote_code`` passed on.
+
+Only ``generate_until`` is implemented: a diffusion LM here decodes a fixed-length masked region, so
+the answer is read up to the first EOS and cut at the task's ``until`` strings; ``max_gen_toks`` does
+not change ``gen_length`` (the region length is part of the decoding setting being evaluated).
+Log-likelihood requests raise NotImplementedError.
+
+Data parallel: under ``accelerate launch`` (``WORLD_SIZE > 1``) each process takes the GPU of its
+``LOCAL_RANK``, and the harness splits the requests by ``rank`` / ``world_size`` and gathers the
+results through :meth:`SpaCacheLM.all_gather` / :meth:`SpaCacheLM.gather_object`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from spacache_kernels.generate import generate
+from spacache_kernels.models import load_model
+from spacache_kernels.policies import POLICIES, make_policy
+from spacache_kernels.tiny_dlm import CharTokenizer
+
+MODEL_NAME = "spacache"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# lm-eval passes these to every model; they are handled here, never forwarded to the policy.
+_HARNESS_ARGS = ("max_batch_size", "max_length")
+
+
+class _HFTokenizer:
+    """The small surface of an HF tokenizer the wrapper uses, behind the same API as CharTokenizer."""
+
+    def __init__(self, path: str, trust_remote_code: bool):
+        from transformers import AutoTokenizer  # lazy: the char tokenizer needs no transformers
+
+        self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        self.name = str(path)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.hf.pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids, *, stop_at_eos: bool = True) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+
+@register_model(MODEL_NAME)
+class SpaCacheLM(LM):
+    """lm-eval model: ``generate_until`` through :func:`spacache_kernels.generate` (module docstring)."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        policy: str = "spa",
+        gen_length: int = 256,
+        steps: int | None = None,
+        block_length: int = 32,
+        threshold: float | None = None,
+        factor: float | None = None,
+        temperature: float = 0.0,
+        backend: str = "auto",
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int | str = 1,
+        tokenizer: str | None = None,
+        trust_remote_code: bool = False,
+        add_bos_token: bool = False,
+        seed: int = 0,
+        **policy_kwargs: Any,
+    ):
+        super().__init__()
+        for name in _HARNESS_ARGS:
+            policy_kwargs.pop(name, None)
+        self._setup_distributed(device)
+        if dtype is None:
+            dtype = "bfloat16" if self._device.type == "cuda" else "float32"
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+        key = str(policy).strip().lower().replace("-", "_")
+        if key not in POLICIES:
+            raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {policy!r}")
+        accepted = inspect.signature(POLICIES[key].__init__).parameters
+        unknown = sorted(k for k in policy_kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(
+                f"model_args: {unknown} are neither wrapper arguments nor arguments of policy {key!r} "
+                f"(it accepts {sorted(k for k in accepted if k != 'self')})"
+            )
+        self.policy_name, self.policy_kwargs = key, dict(policy_kwargs)
+        self.pretrained = str(pretrained)
+        self.model = load_model(self.pretrained, device=self._device, dtype=_DTYPES[dtype])
+        tok_dir = tokenizer or self.pretrained
+        if CharTokenizer.is_char_tokenizer_dir(tok_dir):
+            self.tok = CharTokenizer.load(tok_dir)
+            self._tokenizer_name = f"spacache-char:{Path(tok_dir).name}"
+        else:
+            self.tok = _HFTokenizer(tok_dir, bool(trust_remote_code))
+            self._tokenizer_name = str(tok_dir).replace("/", "__")
+        cfg = self.model.config
+        self.eos_token_id = cfg.eos_token_id if cfg.eos_token_id is not None else self.tok.eos_token_id
+        self.pad_token_id = next(
+            (i for i in (cfg.pad_token_id, self.tok.pad_token_id, self.eos_token_id) if i is not None), 0
+        )
+        self.gen_length = int(gen_length)
+        self.steps = int(steps) if steps is not None else self.gen_length
+        self.block_length = int(block_length)
+        self.threshold = None if threshold is None else float(threshold)
+        self.factor = None if factor is None else float(factor)
+        self.temperature = float(temperature)
+        self.backend = backend
+        self.add_bos_token = bool(add_bos_token)
+        self.seed = int(seed)
+        self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
+        self.last_stats: list = []  # GenerationStats of every generate() call, for throughput reports
+
+    # --------------------------------------------------------------------------------------------
+    def _setup_distributed(self, device: str | None) -> None:
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # The lm_eval CLI passes --device (default "cuda") to every model; on a CPU-only machine
+            # run on the CPU rather than fail, and say so.
+            print(f"spacache: device {device!r} unavailable (no CUDA); using the CPU", file=sys.stderr)
+            device = "cpu"
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.accelerator = None
+        if world > 1:
+            try:
+                from accelerate import Accelerator
+            except ImportError as err:  # pragma: no cover - only under a multi-process launcher
+                raise ImportError("data-parallel evaluation needs `pip install accelerate`") from err
+            self.accelerator = Accelerator()
+            self._rank = self.accelerator.process_index
+            self._world_size = self.accelerator.num_processes
+            self._device = self.accelerator.device if device is None else torch.device(device)
+        else:
+            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def all_gather(self, tensor):
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        if self.accelerator is None:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj=obj, object_gather_list=result, dst=dst)
+        return result
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self._tokenizer_name
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt=True) -> str:
+        if not isinstance(self.tok, _HFTokenizer):
+            raise NotImplementedError("the char tokenizer of the tiny checkpoints has no chat template")
+        return self.tok.hf.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    # --------------------------------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError(
+            "spacache: loglikelihood is not implemented; diffusion LMs are evaluated generatively here "
+            "(use generate_until tasks such as gsm8k, or a task with output_type: generate_until)"
+        )
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        raise NotImplementedError(
+            "spacache: loglikelihood_rolling is not implemented; diffusion LMs are evaluated generatively"
+        )
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text)
+        if self.add_bos_token and isinstance(self.tok, _HFTokenizer) and self.tok.hf.bos_token_id is not None:
+            ids = [self.tok.hf.bos_token_id] + ids
+        if not ids:
+            raise ValueError("spacache: empty prompt after tokenization")
+        return ids
+
+    def _decode(self, ids: list[int], until: list[str]) -> str:
+        if self.eos_token_id is not None and self.eos_token_id in ids:
+            ids = ids[: ids.index(self.eos_token_id)]
+        text = self.tok.decode(ids)
+        for stop in until:
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        return text
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """requests[i].args = (context, gen_kwargs) -> the generated continuation of each context.
+
+        Requests are decoded in batches of ``batch_size`` sorted by prompt length (left-padded with
+        an attention mask when ragged); results come back in the original order.
+        """
+        from tqdm.auto import tqdm
+
+        items = []
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(gen_kwargs.get("temperature", self.temperature) or 0.0)
+            if not gen_kwargs.get("do_sample", temperature > 0):
+                temperature = 0.0
+            items.append((i, self._encode(context), until, temperature))
+        # Longest first: the slowest batch runs first, and similar lengths share a batch.
+        order = sorted(items, key=lambda item: (-len(item[1]), item[3]))
+        results: list[str | None] = [None] * len(items)
+        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="spacache generate")
+        start = 0
+        while start < len(order):
+            temp = order[start][3]
+            batch = [order[start]]
+            while len(batch) < self.batch_size and start + len(batch) < len(order):
+                nxt = order[start + len(batch)]
+                if nxt[3] != temp:
+                    break
+                batch.append(nxt)
+            start += len(batch)
+            texts = self._generate_batch([b[1] for b in batch], [b[2] for b in batch], temp)
+            for (idx, _, _, _), text in zip(batch, texts, strict=True):
+                results[idx] = text
+                self.cache_hook.add_partial("generate_until", requests[idx].args, text)
+            bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[list[int]], untils: list[list[str]], temperature: float):
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, length - len(p) :] = torch.tensor(p)
+            mask[row, length - len(p) :] = 1
+        ragged = bool((mask == 0).any())
+        policy = make_policy(self.policy_name, **self.policy_kwargs)
+        out = generate(
+            self.model,
+            ids,
+            attention_mask=mask if ragged else None,
+            gen_length=self.gen_length,
+            steps=self.steps,
+            block_length=self.block_length,
+            policy=policy,
+            threshold=self.threshold,
+            factor=self.factor,
+            temperature=temperature,
+            eos_token_id=self.eos_token_id,
+            backend=self.backend,
+            seed=self.seed,
+        )
+        self.last_stats.append(out.stats)
+        gen = out.sequences[:, length:].cpu().tolist()
+        return [self._decode(row, until) for row, until in zip(gen, untils, strict=True)]
+
+
+def install_hook(site_dir: str | None = None) -> Path:
+    """Write ``spacache_kernels_lm_eval.pth`` into ``site_dir`` (default: this interpreter's purelib).
+
+    The file holds one import line (``spacache_kernels._lm_eval_hook``), run by ``site`` at interpreter
+    start; that module only installs an import-time hook, so startup cost is negligible.
+    """
+    import sysconfig
+
+    target = Path(site_dir or sysconfig.get_paths()["purelib"])
+    path = target / "spacache_kernels_lm_eval.pth"
+    path.write_text("import spacache_kernels._lm_eval_hook\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m spacache_kernels.lm_eval_model [install-hook | <lm_eval CLI arguments>]``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["install-hook"]:
+        print(f"wrote {install_hook(argv[1] if len(argv) > 1 else None)}")
+        return
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""The tiny trained diffusion LM's tokenizer and tasks: char-level vocabulary, problem generators,
+exact-match scoring.
+
+The shipped checkpoint ``checkpoints/tiny-dlm`` (trained by ``bench/train_tiny_dlm.py``) is a small
+LLaDA-layout masked diffusion LM that solves synthetic problems with exact answers, so that caching
+policies can be scored on *accuracy* rather than only on agreement with vanilla decoding:
+
+* ``add``: fixed-width addition, ``"0123+4567="`` -> ``"04690"`` (operands zero-padded to
+  ``ADD_DIGITS`` digits, the sum to ``ADD_DIGITS + 1``), then EOS padding up to ``gen_length``;
+* ``copy``: long-context copy, ``"<64 letters>="`` -> the same 64 letters, then EOS padding.
+
+Every task has a fixed prompt length and a fixed answer region (the answer followed by EOS up to the
+task's ``gen_length``), so a whole task is decoded by one ``generate(..., gen_length=...)`` call
+without left padding. The tokenizer is one character per token plus the special ``<eos>`` (also used
+as padding, as in LLaDA's SFT) and ``<mask>`` tokens; it is stored next to the weights as
+``char_tokenizer.json`` (:meth:`CharTokenizer.save` / :meth:`CharTokenizer.load`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILE = "char_tokenizer.json"  # not "tokenizer.json": that name is HF tokenizers' format
+EOS = "<eos>"
+MASK = "<mask>"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+CHARS = "0123456789+=" + LETTERS
+ADD_DIGITS = 4
+COPY_LENGTH = 64
+
+
+class CharTokenizer:
+    """One token per character, plus ``<eos>`` (id ``eos_token_id``, also the padding) and ``<mask>``.
+
+    Args:
+        chars: the ordinary characters, ids assigned after the special tokens in this order.
+        vocab_size: rows of the embedding (>= the number of tokens; the extra ids are never produced,
+            they only round the embedding to a friendly size).
+    """
+
+    format_name = "spacache-char-tokenizer"
+
+    def __init__(self, chars: str = CHARS, vocab_size: int | None = None):
+        if len(set(chars)) != len(chars):
+            raise ValueError("chars: expected distinct characters")
+        self.specials = [EOS, MASK]
+        self.chars = chars
+        self.itos = self.specials + list(chars)
+        self.stoi = {ch: i for i, ch in enumerate(chars, start=len(self.specials))}
+        self.vocab_size = len(self.itos) if vocab_size is None else int(vocab_size)
+        if self.vocab_size < len(self.itos):
+            raise ValueError(f"vocab_size: expected >= {len(self.itos)} tokens, got {self.vocab_size}")
+
+    @property
+    def eos_token_id(self) -> int:
+        return 0
+
+    @property
+    def pad_token_id(self) -> int:
+        return 0
+
+    @property
+    def mask_token_id(self) -> int:
+        return 1
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids, one per character; raises ValueError on a character outside the vocabulary."""
+        try:
+            return [self.stoi[ch] for ch in text]
+        except KeyError as err:
+            bad = err.args[0]
+            raise ValueError(f"text: character {bad!r} is not in the vocabulary {self.chars!r}") from None
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, *, stop_at_eos: bool = True) -> str:
+        """Ids -> text. Stops at the first EOS by default; a mask or unused id raises ValueError."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        out = []
+        for i in ids:
+            i = int(i)
+            if i == self.eos_token_id:
+                if stop_at_eos:
+                    break
+                continue
+            if i < len(self.specials) or i >= len(self.itos):
+                out.append("?")  # a mask or an unused id: visible in the text, never a valid answer
+                continue
+            out.append(self.itos[i])
+        return "".join(out)
+
+    # --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format_name,
+            "chars": self.chars,
+            "specials": self.specials,
+            "vocab_size": self.vocab_size,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "mask_token_id": self.mask_token_id,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / TOKENIZER_FILE
+        with open(path, "w") as fh:
+            json.dump(self.to_dict(), fh, indent=2)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CharTokenizer:
+        """Read ``char_tokenizer.json`` from a checkpoint directory (ValueError if it is not ours)."""
+        path = Path(directory) / TOKENIZER_FILE
+        with open(path) as fh:
+            data = json.load(fh)
+        if data.get("format") != cls.format_name:
+            raise ValueError(f"{path}: not a {cls.format_name} file (format={data.get('format')!r})")
+        tok = cls(data["chars"], data["vocab_size"])
+        if data.get("specials") != tok.specials or data.get("mask_token_id") != tok.mask_token_id:
+            raise ValueError(f"{path}: special tokens {data.get('specials')} differ from {tok.specials}")
+        return tok
+
+    @staticmethod
+    def is_char_tokenizer_dir(directory: str | os.PathLike) -> bool:
+        path = Path(directory) / TOKENIZER_FILE
+        if not path.is_file():
+            return False
+        try:
+            with open(path) as fh:
+                return json.load(fh).get("format") == CharTokenizer.format_name
+        except (OSError, ValueError):
+            return False
+
+
+# ------------------------------------------------------------------------------------------------
+# tasks
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    task: str
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Task:
+    """One synthetic task: fixed prompt length, answer region of ``gen_length`` tokens.
+
+    Attributes:
+        name: task name.
+        prompt_length: characters in every prompt.
+        answer_length: characters in every answer (before the EOS padding).
+        gen_length: answer region decoded by ``generate``; answer + ``gen_length - answer_length`` EOS.
+        block_length: the semi-autoregressive block used for evaluation (divides ``gen_length``).
+        make: ``make(rng) -> Problem`` draws one problem.
+    """
+
+    name: str
+    prompt_length: int
+    answer_length: int
+    gen_length: int
+    block_length: int
+    make: Callable[[random.Random], Problem]
+
+
+def make_add(rng: random.Random, digits: int = ADD_DIGITS) -> Problem:
+    """``a+b=`` with a, b uniform in [0, 10^digits), zero-padded; answer the zero-padded sum."""
+    a, b = rng.randrange(10**digits), rng.randrange(10**digits)
+    return Problem("add", f"{a:0{digits}d}+{b:0{digits}d}=", f"{a + b:0{digits + 1}d}")
+
+
+def make_copy(rng: random.Random, length: int = COPY_LENGTH) -> Problem:
+    """``s=`` with s ``length`` uniform random letters; answer s."""
+    seq = "".join(rng.choice(LETTERS) for _ in range(length))
+    return Problem("copy", seq + "=", seq)
+
+
+TASKS: dict[str, Task] = {
+    "add": Task("add", 2 * ADD_DIGITS + 2, ADD_DIGITS + 1, 8, 8, make_add),
+    "copy": Task("copy", COPY_LENGTH + 1, COPY_LENGTH, COPY_LENGTH + 8, 8, make_copy),
+}
+
+# Seeds of the problem streams: training draws from TRAIN_SEED, evaluation from EVAL_SEED; a
+# held-out problem that also occurs in training is skipped (see ``heldout_problems``).
+TRAIN_SEED = 1234
+EVAL_SEED = 99
+
+
+def problems(task: str, count: int, seed: int) -> list[Problem]:
+    """``count`` problems of ``task`` from a seeded stream (deterministic)."""
+    if task not in TASKS:
+        raise ValueError(f"task: expected one of {sorted(TASKS)}, got {task!r}")
+    rng = random.Random(f"{task}:{seed}")
+    return [TASKS[task].make(rng) for _ in range(count)]
+
+
+def heldout_problems(task: str, count: int, seed: int = EVAL_SEED, exclude: set[str] | None = None):
+    """Deterministic evaluation problems, skipping prompts in ``exclude`` (e.g. ones seen in training).
+
+    Training draws fresh problems every step from a different seed; ``copy`` has 26^64 prompts and
+    ``add`` 10^8 (``tests/test_tiny_dlm.py`` checks that the first 256 additions never occur in the
+    shipped run's training stream); ``exclude`` drops given prompts when exactness matters.
+    """
+    rng = random.Random(f"{task}:{seed}")
+    out: list[Problem] = []
+    while len(out) < count:
+        p = TASKS[task].make(rng)
+        if exclude is None or p.prompt not in exclude:
+            out.append(p)
+    return out
+
+
+def encode_batch(tok: CharTokenizer, batch: Sequence[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Problems of one task -> ``(prompt_ids (B, P), answer_ids (B, G))`` int64, answers EOS-padded."""
+    if not batch:
+        raise ValueError("batch: expected at least one problem")
+    task = TASKS[batch[0].task]
+    if any(p.task != task.name for p in batch):
+        raise ValueError("batch: expected problems of a single task")
+    prompts = torch.tensor([tok.encode(p.prompt) for p in batch], dtype=torch.int64)
+    pad = [tok.eos_token_id] * (task.gen_length - task.answer_length)
+    answers = torch.tensor([tok.encode(p.answer) + pad for p in batch], dtype=torch.int64)
+    return prompts, answers
+
+
+def exact_match(tok: CharTokenizer, batch: Sequence[Problem], generated: torch.Tensor) -> list[bool]:
+    """Per problem: the decoded text up to the first EOS equals the answer.
+
+    generated: (B, G) the generated region only (``out.sequences[:, P:]``).
+    """
+    return [tok.decode(row) == p.answer for p, row in zip(batch, generated, strict=True)]
+
+
+def load_tokenizer(directory: str | os.PathLike) -> CharTokenizer:
+    return CharTokenizer.load(directory)
+
+
+__all__ = [
+    "ADD_DIGITS",
+    "COPY_LENGTH",
+    "CharTokenizer",
+    "EVAL_SEED",
+    "Problem",
+    "TASKS",
+    "TRAIN_SEED",
+    "Task",
+    "encode_batch",
+    "exact_match",
+    "heldout_problems",
+    "load_tokenizer",
+    "problems",
+]

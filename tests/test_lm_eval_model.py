@@ -1,0 +1,164 @@
+"""The lm-evaluation-harness wrapper (``--model spacache``) on the shipped tiny checkpoint.
+
+A local task YAML + JSONL data file (no downloads): 4-digit addition from the tiny checkpoint's
+held-out stream, scored by lm-eval's own exact_match. Skipped when lm_eval is not installed
+(``pip install -e '.[lm_eval]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from spacache_kernels.tiny_dlm import heldout_problems  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "checkpoints" / "tiny-dlm"
+N = 8
+MODEL_ARGS = f"pretrained={CHECKPOINT},policy=spa,gen_length=8,steps=8,block_length=8,backend=torch"
+
+
+def _write_task(directory: Path) -> None:
+    problems = heldout_problems("add", N)
+    data = directory / "tiny_add.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "answer": p.answer}) + "\n" for p in problems))
+    (directory / "tiny_add.yaml").write_text(
+        "task: tiny_add\n"
+        "dataset_path: json\n"
+        "dataset_kwargs:\n"
+        f"  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "target_delimiter: ''\n"
+        "generation_kwargs:\n  until: ['=']\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls on a shared 2-core CPU: one thread is much faster
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("lm_eval_tasks")
+    _write_task(directory)
+    return directory
+
+
+def _offline_env() -> dict:
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def test_simple_evaluate_in_process(task_dir, monkeypatch):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import spacache_kernels.lm_eval_model as wrapper
+
+    for key, value in _offline_env().items():
+        monkeypatch.setenv(key, value)
+    results = lm_eval.simple_evaluate(
+        model=wrapper.MODEL_NAME,
+        model_args=MODEL_ARGS + ",max_update_ratio=0.5",
+        tasks=["tiny_add"],
+        task_manager=TaskManager(include_path=str(task_dir)),
+        batch_size=4,
+        log_samples=True,
+    )
+    score = results["results"]["tiny_add"]["exact_match,none"]
+    assert score >= 0.75, results["results"]
+    samples = results["samples"]["tiny_add"]
+    assert len(samples) == N
+    # The wrapper returned the decoded answer only: digits, cut at EOS.
+    assert all(s["resps"][0][0].isdigit() for s in samples)
+
+
+def test_wrapper_rejects_unknown_args_and_loglikelihood():
+    from spacache_kernels.lm_eval_model import SpaCacheLM
+
+    with pytest.raises(ValueError, match="not_an_option"):
+        SpaCacheLM(pretrained=str(CHECKPOINT), policy="spa", not_an_option=1, backend="torch")
+    with pytest.raises(ValueError, match="policy"):
+        SpaCacheLM(pretrained=str(CHECKPOINT), policy="no_such_policy", backend="torch")
+    lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy="vanilla", gen_length=8, block_length=8)
+    with pytest.raises(NotImplementedError, match="generatively"):
+        lm.loglikelihood([])
+
+
+def test_lm_eval_cli_finds_model_through_the_hook(task_dir, tmp_path):
+    """The stock lm_eval CLI entry point, with the .pth hook in a site dir: `--model spacache` resolves."""
+    from spacache_kernels.lm_eval_model import install_hook
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    pth = install_hook(str(site_dir))
+    assert pth.read_text().strip() == "import spacache_kernels._lm_eval_hook"
+    out_dir = tmp_path / "out"
+    code = (
+        "import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
+        "from lm_eval.__main__ import cli_evaluate; cli_evaluate()"
+    )
+    cmd = [
+        sys.executable, "-c", code, str(site_dir),
+        "--model", "spacache", "--model_args", MODEL_ARGS,
+        "--include_path", str(task_dir), "--tasks", "tiny_add", "--batch_size", "8",
+        "--output_path", str(out_dir),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_offline_env(), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out_dir.rglob("results_*.json"))
+    assert files, proc.stdout[-2000:]
+    result = json.loads(files[0].read_text())["results"]["tiny_add"]
+    assert result["exact_match,none"] >= 0.75
+
+
+def test_hf_tokenizer_directory(tmp_path):
+    """A LLaDA-layout directory with an HF tokenizer (no char tokenizer) goes through AutoTokenizer."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from spacache_kernels.lm_eval_model import SpaCacheLM, _HFTokenizer
+    from tests.models.checkpoints import LLADA_SHAPE, write_llada_checkpoint
+
+    vocab_size, eos_id, mask_id = LLADA_SHAPE["vocab"], 124, LLADA_SHAPE["mask_id"]
+    names = [chr(c) for c in range(32, 127)]  # ids 0..94: printable characters
+    names += [f"<x{i}>" for i in range(len(names), vocab_size)]
+    names[eos_id], names[mask_id], names[125] = "<eos>", "<mask>", "<unk>"
+    core = Tokenizer(models.WordLevel({n: i for i, n in enumerate(names)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>").save_pretrained(
+        tmp_path
+    )
+    write_llada_checkpoint(tmp_path)
+    lm = SpaCacheLM(
+        pretrained=str(tmp_path), policy="spa", gen_length=8, block_length=4, backend="torch", batch_size=2
+    )
+    assert isinstance(lm.tok, _HFTokenizer)
+    assert lm.tok.encode("12+3=") == [names.index(c) for c in "12+3="]
+
+    class Request:
+        def __init__(self, context):
+            self.args = (context, {"until": ["\n"], "do_sample": False})
+
+    outs = lm.generate_until([Request("12+3="), Request("a longer prompt")], disable_tqdm=True)
+    assert len(outs) == 2 and all(isinstance(o, str) and "\n" not in o for o in outs)
+    assert len(lm.last_stats) == 1 and lm.last_stats[0].steps == 8  # one ragged (left-padded) batch
