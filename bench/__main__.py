@@ -25,16 +25,6 @@ RESULTS = HERE / "results"
 COLUMNS = ("op", "backend", "shape", "median_us", "GB/s", "TFLOP/s", "pct_peak", "baseline")
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
@@ -61,8 +51,8 @@ def header() -> str:
         "The Triton kernels need a CUDA GPU; run `make bench` there for their figures."
     )
     return (
-        f"spacache_kernels microbenchmarks | device: {harness.device_name()} | commit {_git_commit()} | "
-        f"{_dt.date.today().isoformat()}\n{mode}\n"
+        f"spacache_kernels microbenchmarks | device: {harness.device_name()} | "
+        f"commit {harness.git_commit()} | {_dt.date.today().isoformat()}\n{mode}\n"
         f"measured peaks: copy {peaks['bandwidth'] / 1e9:.1f} GB/s, "
         f"{peaks['gemm_dtype']} GEMM {peaks['flops'] / 1e12:.2f} TFLOP/s (pct_peak is relative to these)"
     )

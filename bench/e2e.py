@@ -37,13 +37,13 @@ import os
 import pathlib
 import re
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from bench.harness import git_commit
 from spacache_kernels.generate import generate
 from spacache_kernels.models.synthetic import SHAPES, random_model
 from spacache_kernels.policies import POLICIES, make_policy
@@ -251,16 +251,6 @@ class MemoryMeter:
         return None, max(after - self.before, 0) / 1024
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -461,7 +451,7 @@ def _run_matrix(cfg: E2EConfig) -> dict:
         "backend": backend,
         "threads": torch.get_num_threads() if not ON_GPU else None,
         "date": _dt.date.today().isoformat(),
-        "commit": _git_commit(),
+        "commit": git_commit(),
         "peaks": {"copy_GBps": peaks["bandwidth"] / 1e9, "gemm_TFLOPs": peaks["flops"] / 1e12,
                   "gemm_dtype": peaks["gemm_dtype"]},
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"},

@@ -23,28 +23,19 @@ import datetime as _dt
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 import traceback
 
 import torch
 
+from bench.harness import git_commit
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "quality.md"
 PLOT = ROOT / "docs" / "img" / "quality_acc_vs_flops.png"
 SPA_RATIOS = (0.1, 0.25, 0.5, 1.0)
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def settings(ratios=SPA_RATIOS) -> list[tuple[str, str, dict]]:
@@ -60,32 +51,19 @@ def settings(ratios=SPA_RATIOS) -> list[tuple[str, str, dict]]:
 
 def run_setting(model, tok, sets: dict, name: str, kwargs: dict, batch_size: int) -> dict:
     """Decode every task's problems with one policy setting. Returns per-task figures and sequences."""
-    from spacache_kernels.generate import generate
     from spacache_kernels.policies import make_policy
-    from spacache_kernels.tiny_dlm import TASKS, encode_batch, exact_match
+    from spacache_kernels.tiny_dlm import decode_problems, exact_match
 
     per_task = {}
     for task, probs in sets.items():
-        spec = TASKS[task]
         correct, flops, cpu, wall, gens = 0, 0, 0.0, 0.0, []
         for start in range(0, len(probs), batch_size):
             chunk = probs[start : start + batch_size]
-            prompt_ids, _ = encode_batch(tok, chunk)
             policy = make_policy(name, **kwargs)
             cpu0, wall0 = time.process_time(), time.perf_counter()
-            out = generate(
-                model,
-                prompt_ids,
-                gen_length=spec.gen_length,
-                steps=spec.gen_length,
-                block_length=spec.block_length,
-                policy=policy,
-                eos_token_id=tok.eos_token_id,
-                backend="torch",
-            )
+            gen, out = decode_problems(model, tok, chunk, policy)
             cpu += time.process_time() - cpu0
             wall += time.perf_counter() - wall0
-            gen = out.sequences[:, prompt_ids.shape[1] :]
             correct += sum(exact_match(tok, chunk, gen))
             flops += out.stats.flops
             gens.append(gen)
@@ -339,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update(
         command="make eval" + (f" ARGS='{' '.join(argv)}'" if argv else ""),
         date=_dt.date.today().isoformat(),
-        commit=_git_commit(),
+        commit=git_commit(),
         device=f"CPU ({platform.machine()}), torch threads: {torch.get_num_threads()}",
         torch=torch.__version__,
         checkpoint=str(args.checkpoint),

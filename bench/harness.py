@@ -11,7 +11,9 @@ prints them as one table and saves the JSON under ``bench/results/``.
 from __future__ import annotations
 
 import functools
+import pathlib
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -22,6 +24,18 @@ DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 # bf16 is what the models run in on a GPU; the CPU path measures the fp32 torch reference.
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 BACKENDS = ("triton", "torch") if ON_GPU else ("torch",)
+
+
+def git_commit() -> str:
+    """The repository's short HEAD commit, or "unknown" outside a git checkout (recorded in results)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=pathlib.Path(__file__).resolve().parent,
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def device_name() -> str:

@@ -41,7 +41,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from spacache_kernels.models.rope import rope_tables
-from spacache_kernels.tiny_dlm import TASKS, TRAIN_SEED, CharTokenizer, encode_batch, exact_match, problems
+from spacache_kernels.tiny_dlm import (
+    TASKS,
+    TRAIN_SEED,
+    CharTokenizer,
+    decode_problems,
+    encode_batch,
+    exact_match,
+    heldout_problems,
+    problems,
+)
 
 MASK_EPS = 1e-3  # LLaDA's forward process: p_mask = (1 - eps) * t + eps
 
@@ -263,25 +272,11 @@ def check_against_runtime(model: TinyLLaDA, directory: Path, ids: torch.Tensor, 
 @torch.no_grad()
 def evaluate(runtime, tok: CharTokenizer, task: str, count: int, seed: int, batch_size: int = 64) -> dict:
     """Exact-match accuracy of vanilla decoding (one token per step) on ``count`` held-out problems."""
-    from spacache_kernels.generate import generate
-    from spacache_kernels.tiny_dlm import heldout_problems
-
-    spec = TASKS[task]
     probs = heldout_problems(task, count, seed)
     correct = 0
     for start in range(0, count, batch_size):
         chunk = probs[start : start + batch_size]
-        prompt_ids, _ = encode_batch(tok, chunk)
-        out = generate(
-            runtime,
-            prompt_ids,
-            gen_length=spec.gen_length,
-            steps=spec.gen_length,
-            block_length=spec.block_length,
-            policy="vanilla",
-            backend="torch",
-        )
-        correct += sum(exact_match(tok, chunk, out.sequences[:, prompt_ids.shape[1] :]))
+        correct += sum(exact_match(tok, chunk, decode_problems(runtime, tok, chunk)[0]))
     return {"task": task, "problems": count, "correct": correct, "accuracy": correct / count}
 
 

@@ -237,6 +237,24 @@ def exact_match(tok: CharTokenizer, batch: Sequence[Problem], generated: torch.T
     return [tok.decode(row) == p.answer for p, row in zip(batch, generated, strict=True)]
 
 
+def decode_problems(
+    model, tok: CharTokenizer, batch: Sequence[Problem], policy="vanilla", *, backend="torch"
+):
+    """Decode one task's problems with ``generate()`` (one token per step, the task's block length).
+
+    Returns ``(generated (B, G) int64, the GenerationOutput)``; ``policy`` is a name or an instance.
+    """
+    from spacache_kernels.generate import generate  # the tokenizer side stays importable on its own
+
+    prompt_ids, _ = encode_batch(tok, batch)  # validates: non-empty, one task
+    spec = TASKS[batch[0].task]
+    out = generate(
+        model, prompt_ids, gen_length=spec.gen_length, steps=spec.gen_length, block_length=spec.block_length,
+        policy=policy, eos_token_id=tok.eos_token_id, backend=backend,
+    )  # fmt: skip
+    return out.sequences[:, prompt_ids.shape[1] :], out
+
+
 def load_tokenizer(directory: str | os.PathLike) -> CharTokenizer:
     return CharTokenizer.load(directory)
 
@@ -250,6 +268,7 @@ __all__ = [
     "TASKS",
     "TRAIN_SEED",
     "Task",
+    "decode_problems",
     "encode_batch",
     "exact_match",
     "heldout_problems",

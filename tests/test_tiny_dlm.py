@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from spacache_kernels.generate import generate
 from spacache_kernels.models import load_model
 from spacache_kernels.policies import SpaCache
 from spacache_kernels.tiny_dlm import (
     TASKS,
     TRAIN_SEED,
     CharTokenizer,
+    decode_problems,
     encode_batch,
     exact_match,
     heldout_problems,
@@ -50,22 +50,6 @@ def model():
 @pytest.fixture(scope="module")
 def tok():
     return CharTokenizer.load(CHECKPOINT)
-
-
-def _decode(model, tok, task, probs, policy):
-    spec = TASKS[task]
-    prompt_ids, _ = encode_batch(tok, probs)
-    out = generate(
-        model,
-        prompt_ids,
-        gen_length=spec.gen_length,
-        steps=spec.gen_length,
-        block_length=spec.block_length,
-        policy=policy,
-        eos_token_id=tok.eos_token_id,
-        backend="torch",
-    )
-    return out.sequences[:, prompt_ids.shape[1] :]
 
 
 def test_checkpoint_layout_and_load(model, tok):
@@ -117,9 +101,7 @@ def test_tasks_are_fixed_length_and_scored_exactly(tok):
 
 @pytest.fixture(scope="module")
 def vanilla_tokens(model, tok):
-    return {
-        task: _decode(model, tok, task, heldout_problems(task, N_PROBLEMS[task]), "vanilla") for task in TASKS
-    }
+    return {task: decode_problems(model, tok, heldout_problems(task, N_PROBLEMS[task]))[0] for task in TASKS}
 
 
 def test_vanilla_accuracy_matches_documented(tok, vanilla_tokens):
@@ -135,7 +117,7 @@ def test_spa_full_ratio_equals_vanilla(model, tok, vanilla_tokens):
     """Ratio 1 in every layer with a full refresh every step is vanilla decoding, token for token."""
     for task in TASKS:
         policy = SpaCache(max_update_ratio=1.0, budget="uniform", refresh_steps=1, backend="torch")
-        tokens = _decode(model, tok, task, heldout_problems(task, N_PROBLEMS[task]), policy)
+        tokens = decode_problems(model, tok, heldout_problems(task, N_PROBLEMS[task]), policy)[0]
         assert torch.equal(tokens, vanilla_tokens[task]), task
 
 
@@ -145,8 +127,8 @@ def test_spa_full_ratio_recomputes_every_generated_token(model, tok, vanilla_tok
     SPA-Cache keeps the prompt's K/V from the last full refresh (the reference rule), and the prompt
     attends to the generated tokens; on this checkpoint that changes one addition of 16."""
     probs = heldout_problems("add", N_PROBLEMS["add"])
-    ratio_one = _decode(model, tok, "add", probs, SpaCache(max_update_ratio=1.0, budget="uniform"))
-    gen_refresh = _decode(model, tok, "add", probs, SpaCache(refresh_gen_steps=1, max_update_ratio=0.1))
+    ratio_one = decode_problems(model, tok, probs, SpaCache(max_update_ratio=1.0, budget="uniform"))[0]
+    gen_refresh = decode_problems(model, tok, probs, SpaCache(refresh_gen_steps=1, max_update_ratio=0.1))[0]
     assert torch.equal(ratio_one, gen_refresh)
     hits = exact_match(tok, probs, ratio_one)
     documented = json.loads((CHECKPOINT / "training.json").read_text())["final_vanilla_accuracy"]
