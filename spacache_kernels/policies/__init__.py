@@ -33,11 +33,7 @@ POLICIES: dict[str, type[CachePolicy]] = {
 
 def policy_presets(name: str) -> list[str]:
     """The published presets of policy ``name`` (usable as ``"name:preset"``)."""
-    cls = POLICIES[name]
-    if cls is SpaCache:
-        return sorted(PRESETS)
-    module = __import__(cls.__module__, fromlist=["PRESETS"])
-    return sorted(getattr(module, "PRESETS", {})) if hasattr(cls, "from_preset") else []
+    return sorted(POLICIES[name].presets)
 
 
 def make_policy(policy, **kwargs) -> CachePolicy:
@@ -56,10 +52,8 @@ def make_policy(policy, **kwargs) -> CachePolicy:
         if not preset:
             return cls(**kwargs)
         preset = preset.strip()
-        if preset not in policy_presets(key):
+        if preset not in cls.presets:
             raise ValueError(f"policy: {key!r} has presets {policy_presets(key) or 'none'}, got {preset!r}")
-        if cls is SpaCache:
-            return cls(preset=preset, **kwargs)
         return cls.from_preset(preset, **kwargs)
     raise TypeError(f"policy: expected a name or a CachePolicy instance, got {type(policy).__name__}")
 

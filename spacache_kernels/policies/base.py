@@ -93,6 +93,7 @@ class CachePolicy:
 
     Class attributes a policy sets:
         name: registry key.
+        presets: published settings by name (``from_preset`` / ``make_policy("name:preset")``).
         needs_branch_cache: the runtime keeps the per-layer ``attn_out + ffn_out`` of generated tokens
             (required when ``select`` returns indices).
         needs_layer_outputs: the runtime keeps every layer's output for all positions (required for
@@ -104,11 +105,21 @@ class CachePolicy:
     """
 
     name = "base"
+    presets: dict[str, dict] = {}  # published settings: preset name -> constructor kwargs
     needs_branch_cache = False
     needs_layer_outputs = False
     lockstep_blocks = False
     decide_fresh_only = False
     backend: str | None = None  # None: use generate()'s backend
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> CachePolicy:
+        """A policy with one of the published settings in ``cls.presets``; ``overrides`` win."""
+        if preset not in cls.presets:
+            raise ValueError(
+                f"preset: {cls.name!r} has presets {sorted(cls.presets) or 'none'}, got {preset!r}"
+            )
+        return cls(**{**cls.presets[preset], **overrides})
 
     def reset(self, model, shape: GenerationShape) -> None:
         """Allocate per-generation state (called once at the start of every generate())."""

@@ -154,31 +154,34 @@ class D2Cache(CachePolicy):
         self.shift = bool(model.config.shift_logits)
         self.next_rows: torch.Tensor | None = None
         self.conf = torch.zeros(shape.batch, shape.gen_len, device=shape.device)
-        self._plan_rows: torch.Tensor | None = None
         self._layer_probs: list = []
 
     def plan(self, step: int) -> StepPlan:
         self._layer_probs = []
+        batch, total = self.runtime.positions.shape
         periodic = self.refresh_interval is not None and step % self.refresh_interval == 0
-        if self.next_rows is None or periodic:
-            self._plan_rows = None
+        full = self.next_rows is None or periodic
+        # The positions that run this step (B, n), the same for every layer: all of them, or the
+        # selection (padding repeats then carry no rollout weight).
+        if full:
+            self._ran = torch.arange(total, device=self.shape.device).expand(batch, -1)
+            self._ran_weight = None
+        else:
+            self._ran = self.next_rows
+            self._ran_weight = distinct_rows(self._ran).unsqueeze(-1)
+        self._query_rows = torch.arange(self._ran.shape[1], device=self.shape.device).expand(batch, -1)
+        if full:
             return StepPlan(region="all", kind="full")
-        self._plan_rows = self.next_rows
-        return StepPlan(region="all", kind="sparse", rows=self.next_rows)
+        return StepPlan(region="all", kind="sparse", rows=self._ran)
 
     def attention_rows(self, layer, plan):
-        n = self.shape.prompt_len + self.shape.gen_len if plan.rows is None else plan.rows.shape[1]
-        return torch.arange(n, device=self.shape.device).expand(self.runtime.positions.shape[0], -1)
+        return self._query_rows  # every query row of the step
 
     def observe_attention(self, layer, probs):
         mean = probs.mean(dim=2)  # (B, n, T): head-averaged rows
-        batch, total = mean.shape[0], mean.shape[2]
-        if self._plan_rows is None:
-            rows = torch.arange(total, device=mean.device).expand(batch, -1)
-        else:
-            rows = self._plan_rows
-            mean = mean * distinct_rows(rows).unsqueeze(-1)  # padding repeats carry no weight
-        self._layer_probs.append((rows, mean))
+        if self._ran_weight is not None:
+            mean = mean * self._ran_weight
+        self._layer_probs.append((self._ran, mean))
 
     def end_step(self, state: DecodeState) -> None:
         prompt_len, gen_len = self.shape.prompt_len, self.shape.gen_len
@@ -186,9 +189,7 @@ class D2Cache(CachePolicy):
         batch, total = tokens.shape
         # Refresh the cached confidence of every generated token whose logits this step recomputed
         # (the LM head only over the rows that ran).
-        ran = self._plan_rows
-        if ran is None:
-            ran = torch.arange(total, device=tokens.device).expand(batch, -1)
+        ran = self._ran
         target = ran + 1 if self.shift else ran  # the token each row's logits predict
         valid = (target >= prompt_len) & (target < total)
         target = target.clamp(prompt_len, total - 1)

@@ -34,6 +34,7 @@ class DKVCacheDecode(CachePolicy):
     """
 
     name = "dkv_decode"
+    presets = PRESETS
     lockstep_blocks = True
     decide_fresh_only = True
 
@@ -43,12 +44,6 @@ class DKVCacheDecode(CachePolicy):
             raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
         self.variant = variant
         self.backend = backend
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides) -> DKVCacheDecode:
-        if preset not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-        return cls(**{**PRESETS[preset], **overrides})
 
     def reset(self, model, shape) -> None:
         super().reset(model, shape)

@@ -55,6 +55,7 @@ class DLLMCache(CachePolicy):
     """
 
     name = "dllm_cache"
+    presets = PRESETS
     needs_branch_cache = True
 
     def __init__(self, prompt_interval: int = 50, gen_interval: int = 7, ratio: float = 0.25, backend=None):
@@ -62,13 +63,6 @@ class DLLMCache(CachePolicy):
         self.gen_interval = check_positive_int("gen_interval", gen_interval)
         self.ratio = check_fraction("ratio", ratio)
         self.backend = backend
-
-    @classmethod
-    def from_preset(cls, preset: str, **overrides) -> DLLMCache:
-        """A policy with a published (prompt_interval, gen_interval) pair: one of :data:`PRESETS`."""
-        if preset not in PRESETS:
-            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-        return cls(**{**PRESETS[preset], **overrides})
 
     def reset(self, model, shape: GenerationShape) -> None:
         super().reset(model, shape)

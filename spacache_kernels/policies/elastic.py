@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from spacache_kernels.ops.reference import cosine_rows
-from spacache_kernels.policies._rows import rows_from_mask
+from spacache_kernels.policies._rows import distinct_rows, rows_from_mask
 from spacache_kernels.policies.base import (
     CachePolicy,
     DecodeState,
@@ -77,12 +77,15 @@ class ElasticCache(CachePolicy):
     # -- per step ------------------------------------------------------------------------------
     def begin_step(self, state: DecodeState) -> None:
         super().begin_step(state)
-        prompt_len = self.shape.prompt_len
         masked = state.tokens == state.mask_id
-        masked[:, :prompt_len] = False
+        self._decoded = ~masked
+        masked[:, : self.shape.prompt_len] = False
         rank = masked.long().cumsum(dim=1)
         self._window = masked & (rank <= self.window)  # (B, T) the first `window` masked positions
-        self._decoded = ~(state.tokens == state.mask_id)
+        # The window's query positions (B, window), padded by repeats, and which entries are distinct:
+        # the same for every layer of the step.
+        self._window_pos = rows_from_mask(self._window, count=self.window)
+        self._window_distinct = distinct_rows(self._window_pos).unsqueeze(-1)
         self._drift = None
 
     def plan(self, step: int) -> StepPlan:
@@ -105,11 +108,7 @@ class ElasticCache(CachePolicy):
         return torch.searchsorted(self._rows, positions)
 
     def attention_rows(self, layer, plan):
-        batch = self._window.shape[0]
-        window_pos = rows_from_mask(self._window, count=self.window)  # (B, window), padded by repeats
-        self._window_pos = window_pos
-        tracked = self.tracked[layer]
-        return self._query_index(torch.cat([window_pos, tracked], dim=1)).view(batch, -1)
+        return self._query_index(torch.cat([self._window_pos, self.tracked[layer]], dim=1))
 
     def observe_attention(self, layer, probs):
         mean = probs.mean(dim=2)  # (B, m, T) head-averaged rows
@@ -125,9 +124,7 @@ class ElasticCache(CachePolicy):
         self.cached_rows[layer] = tracked_rows
         self.has_cached[layer] = True
         # Re-pick the most attended decoded tokens (distinct window rows only: drop padding repeats).
-        distinct = torch.ones_like(self._window_pos, dtype=torch.bool)
-        distinct[:, 1:] = self._window_pos[:, 1:] != self._window_pos[:, :-1]
-        attended = (window_rows * distinct.unsqueeze(-1)).sum(dim=1).masked_fill(~self._decoded, -1.0)
+        attended = (window_rows * self._window_distinct).sum(dim=1).masked_fill(~self._decoded, -1.0)
         new_tracked = attended.topk(self.track_num, dim=1).indices
         changed = new_tracked != self.tracked[layer]
         self.has_cached[layer] &= ~changed

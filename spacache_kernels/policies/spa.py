@@ -53,6 +53,8 @@ class SpaCache(CachePolicy):
     """
 
     name = "spa"
+    # The budget-curve presets: ``from_preset(name)`` is ``SpaCache(preset=name)``.
+    presets = {name: {"preset": name} for name in PRESETS}
     needs_branch_cache = True
 
     def __init__(
