@@ -49,27 +49,20 @@ import triton.language as tl
 
 from spacache_kernels.kernels._config import autotune_configs, device_guard, next_pow2
 
-# First config: the interpreter's (small tiles: 37 positions / 100 columns span several tiles).
-_ROWS_CONFIGS = [
-    triton.Config({"BLOCK_R": 4, "BLOCK_N": 64}, num_warps=4),
-    triton.Config({"BLOCK_R": 1, "BLOCK_N": 1024}, num_warps=4),
-    triton.Config({"BLOCK_R": 2, "BLOCK_N": 1024}, num_warps=4),
-    triton.Config({"BLOCK_R": 4, "BLOCK_N": 1024}, num_warps=8),
-    triton.Config({"BLOCK_R": 4, "BLOCK_N": 512}, num_warps=4),
-    triton.Config({"BLOCK_R": 8, "BLOCK_N": 512}, num_warps=8),
-    triton.Config({"BLOCK_R": 8, "BLOCK_N": 256}, num_warps=4),
-    triton.Config({"BLOCK_R": 16, "BLOCK_N": 256}, num_warps=8),
-]
-_RESIDUAL_CONFIGS = [
-    triton.Config({"BLOCK_L": 4, "BLOCK_N": 64}, num_warps=4),
-    triton.Config({"BLOCK_L": 1, "BLOCK_N": 1024}, num_warps=4),
-    triton.Config({"BLOCK_L": 2, "BLOCK_N": 1024}, num_warps=4),
-    triton.Config({"BLOCK_L": 4, "BLOCK_N": 1024}, num_warps=8),
-    triton.Config({"BLOCK_L": 4, "BLOCK_N": 512}, num_warps=4),
-    triton.Config({"BLOCK_L": 8, "BLOCK_N": 512}, num_warps=8),
-    triton.Config({"BLOCK_L": 8, "BLOCK_N": 256}, num_warps=4),
-    triton.Config({"BLOCK_L": 16, "BLOCK_N": 256}, num_warps=8),
-]
+# (rows per program, columns per program, warps). The row tile is BLOCK_R in the scatter kernel and
+# BLOCK_L in the residual kernel: both stream the same (rows, n) tiles. First config: the
+# interpreter's (small tiles: 37 positions / 100 columns span several tiles).
+_TILES = [
+    (4, 64, 4), (1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (4, 512, 4), (8, 512, 8), (8, 256, 4), (16, 256, 8),
+]  # fmt: skip
+
+
+def _tile_configs(row_block: str) -> list[triton.Config]:
+    return [triton.Config({row_block: r, "BLOCK_N": n}, num_warps=w) for r, n, w in _TILES]
+
+
+_ROWS_CONFIGS = _tile_configs("BLOCK_R")
+_RESIDUAL_CONFIGS = _tile_configs("BLOCK_L")
 _SLOT_BLOCK = 1024  # indices per program of the slot kernel
 
 
