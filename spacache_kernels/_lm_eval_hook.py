@@ -1,16 +1,28 @@
 """Import hook that registers the ``spacache`` lm-eval model whenever lm-eval's registry is imported.
 
-Installed as a one-line ``.pth`` file (``python -m spacache_kernels.lm_eval_model install-hook``), so it
-runs at every interpreter start; it imports nothing heavy (no torch, no lm_eval). It puts a finder on
-``sys.meta_path`` that wraps the loader of ``lm_eval.api.registry``: right after that module executes,
-``lm_eval.models`` is imported (which fills the registry with lm-eval's own lazy entries; the registry
-only does that by itself while it is empty, so registering first would hide lm-eval's models) and then
-``spacache`` is registered as a lazy ``"module:Class"`` placeholder. The wrapper module
-``spacache_kernels.lm_eval_model`` (and torch) is imported only when ``--model spacache`` is used.
+lm-eval 0.4.13 discovers models only through its own registry (``lm_eval.models.MODEL_MAPPING`` plus
+``@register_model`` / ``model_registry.register`` at import time); it reads no entry points for
+models. So ``python -m spacache_kernels.lm_eval_model install-hook`` writes a one-line ``.pth`` file
+(:func:`pth_line`) into site-packages, run by ``site`` at every interpreter start. That line must cost
+nothing and must never fail, so it:
+
+* does not import ``spacache_kernels`` (the package imports torch): it locates the package with
+  ``importlib.util.find_spec`` (a path lookup, no import) and executes *this file* by path;
+* does nothing at all when the package is gone (``pip uninstall`` leaves the ``.pth`` behind;
+  ``uninstall-hook`` removes it) and swallows every error of its own.
+
+This file is stdlib-only; importing it as a module installs nothing. :func:`install` puts a finder
+on ``sys.meta_path`` that wraps the loader of ``lm_eval.api.registry``: right after that module
+executes, ``lm_eval.models`` is imported (which fills the registry with lm-eval's own lazy entries;
+the registry does that by itself only while it is empty, so registering first would hide lm-eval's
+models) and ``spacache`` is registered as the lazy placeholder
+``"spacache_kernels.lm_eval_model:SpaCacheLM"``. The wrapper module (and torch) is imported only when
+lm-eval resolves ``--model spacache``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -18,12 +30,31 @@ import sys
 TARGET_MODULE = "lm_eval.api.registry"
 MODEL_NAME = "spacache"
 MODEL_PATH = "spacache_kernels.lm_eval_model:SpaCacheLM"
+PTH_NAME = "spacache_kernels_lm_eval.pth"
+
+
+def pth_line() -> str:
+    """The single line of the ``.pth`` file: find this file without importing the package, run it.
+
+    ``site`` executes ``.pth`` lines that start with ``import``; everything else is inside a
+    ``try`` (a stale line after ``pip uninstall`` must never print a traceback at startup).
+    """
+    code = (
+        "try:\n"
+        " import importlib.util as u, os\n"
+        " s = u.find_spec('spacache_kernels')\n"
+        " d = s and s.submodule_search_locations and list(s.submodule_search_locations)\n"
+        " p = d and os.path.join(d[0], '_lm_eval_hook.py')\n"
+        " if p and os.path.isfile(p):\n"
+        "  exec(compile(open(p).read(), p, 'exec'), {'__name__': '_spacache_kernels_lm_eval_hook'})\n"
+        "except Exception:\n"
+        " pass\n"
+    )
+    return f"import sys; exec({code!r})\n"
 
 
 def register(registry_module) -> None:
     """Register ``spacache`` lazily in an imported ``lm_eval.api.registry`` (idempotent)."""
-    import importlib
-
     importlib.import_module("lm_eval.models")  # lm-eval's own entries first (see module docstring)
     registry = registry_module.model_registry
     if MODEL_NAME not in registry:
@@ -46,6 +77,8 @@ class _Loader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
+    spacache_lm_eval_hook = True  # marker: this file may run twice (by path and as a module)
+
     def find_spec(self, fullname, path, target=None):
         if fullname != TARGET_MODULE:
             return None
@@ -58,7 +91,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Put the finder on ``sys.meta_path`` (once); register at once if lm-eval is already imported."""
-    if any(isinstance(f, _Finder) for f in sys.meta_path):
+    if any(getattr(f, "spacache_lm_eval_hook", False) for f in sys.meta_path):
         return
     if TARGET_MODULE in sys.modules:
         register(sys.modules[TARGET_MODULE])
@@ -66,4 +99,5 @@ def install() -> None:
     sys.meta_path.insert(0, _Finder())
 
 
-install()
+if __name__ == "_spacache_kernels_lm_eval_hook":  # executed by the .pth line (not on a plain import)
+    install()

@@ -2,21 +2,24 @@
 
     pip install -e '.[lm_eval]'
     python -m spacache_kernels.lm_eval_model install-hook      # once: makes `lm_eval --model spacache` work
+    python -m spacache_kernels.lm_eval_model uninstall-hook    # undoes it
     lm_eval --model spacache \\
         --model_args pretrained=/models/LLaDA-8B-Instruct,policy=spa,gen_length=256,block_length=8 \\
         --tasks gsm8k --num_fewshot 4 --batch_size 16
 
-Registration. lm-eval 0.4.x discovers models only through its own registry (``lm_eval.models.
-MODEL_MAPPING`` plus ``@register_model`` at import time); it has no entry-point group for external
-models. So there are three ways in, all registering the same class under the name ``spacache``:
+Registration. lm-eval (checked at 0.4.13) discovers models only through its own registry
+(``lm_eval.models.MODEL_MAPPING`` plus ``model_registry.register`` at import time); it reads no entry
+points for models. So there are three ways in, all registering the same class under ``spacache``
+(idempotently: any of them may run after another):
 
 * ``import spacache_kernels.lm_eval_model`` before calling ``lm_eval.simple_evaluate(model="spacache")``;
 * ``python -m spacache_kernels.lm_eval_model <lm_eval arguments>`` (also ``accelerate launch -m
   spacache_kernels.lm_eval_model ...``): the ``lm_eval`` CLI with the model registered;
-* the import hook (:mod:`spacache_kernels._lm_eval_hook`), installed as a one-line ``.pth`` file in
-  site-packages by ``install-hook``: whenever any program imports ``lm_eval.api.registry`` the name
-  ``spacache`` is registered lazily (no torch import until the model is used), so the stock ``lm_eval``
-  and ``accelerate launch -m lm_eval`` commands find ``--model spacache``.
+* the import hook (:mod:`spacache_kernels._lm_eval_hook`), a one-line ``.pth`` file in site-packages
+  written by ``install-hook`` and removed by ``uninstall-hook``: interpreter start imports nothing
+  heavy (neither torch nor this package), and when a program imports ``lm_eval.api.registry`` the
+  name ``spacache`` is registered lazily, so the stock ``lm_eval`` and ``accelerate launch -m
+  lm_eval`` commands find ``--model spacache``. A ``.pth`` left behind by ``pip uninstall`` is inert.
 
 Model arguments (``--model_args key=value,...``):
 
@@ -51,8 +54,8 @@ from typing import Any
 
 import torch
 from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 
+from spacache_kernels import _lm_eval_hook as _hook
 from spacache_kernels.generate import generate
 from spacache_kernels.models import load_model
 from spacache_kernels.policies import POLICIES, make_policy
@@ -88,7 +91,6 @@ class _HFTokenizer:
         return self.hf.decode(ids, skip_special_tokens=True)
 
 
-@register_model(MODEL_NAME)
 class SpaCacheLM(LM):
     """lm-eval model: ``generate_until`` through :func:`spacache_kernels.generate` (module docstring)."""
 
@@ -301,25 +303,60 @@ class SpaCacheLM(LM):
         return [self._decode(row, until) for row, until in zip(gen, untils, strict=True)]
 
 
-def install_hook(site_dir: str | None = None) -> Path:
-    """Write ``spacache_kernels_lm_eval.pth`` into ``site_dir`` (default: this interpreter's purelib).
+def register_with_lm_eval() -> None:
+    """Register :class:`SpaCacheLM` as lm-eval model ``spacache`` (idempotent).
 
-    The file holds one import line (``spacache_kernels._lm_eval_hook``), run by ``site`` at interpreter
-    start; that module only installs an import-time hook, so startup cost is negligible.
+    The name may already be taken by the import hook's lazy placeholder (which names this class) or
+    by this class from an earlier import: both are fine. Another model under the name is an error.
     """
+    from lm_eval.api import registry
+
+    if len(registry.model_registry) == 0:
+        import lm_eval.models  # noqa: F401  (lm-eval's own lazy entries; it adds them only when empty)
+    current = dict(registry.model_registry.items()).get(MODEL_NAME)
+    if isinstance(current, type) and f"{current.__module__}:{current.__qualname__}" == _hook.MODEL_PATH:
+        return  # this class, or the same class from an earlier import of this module
+    if current is not None and current != _hook.MODEL_PATH:
+        raise ValueError(f"lm-eval model name {MODEL_NAME!r} is already registered to {current!r}")
+    registry.model_registry.register(MODEL_NAME, target=SpaCacheLM)  # placeholder -> class upgrade
+
+
+def _site_dir(site_dir: str | None) -> Path:
     import sysconfig
 
-    target = Path(site_dir or sysconfig.get_paths()["purelib"])
-    path = target / "spacache_kernels_lm_eval.pth"
-    path.write_text("import spacache_kernels._lm_eval_hook\n")
+    return Path(site_dir or sysconfig.get_paths()["purelib"])
+
+
+def install_hook(site_dir: str | None = None) -> Path:
+    """Write the hook's ``.pth`` file into ``site_dir`` (default: this interpreter's purelib).
+
+    Its one line (:func:`spacache_kernels._lm_eval_hook.pth_line`) imports nothing heavy, does nothing
+    when the package has been uninstalled, and never raises. Installing twice rewrites the same file.
+    """
+    path = _site_dir(site_dir) / _hook.PTH_NAME
+    path.write_text(_hook.pth_line())
+    return path
+
+
+def uninstall_hook(site_dir: str | None = None) -> Path | None:
+    """Remove the hook's ``.pth`` file from ``site_dir``; returns its path, or None if none was there."""
+    path = _site_dir(site_dir) / _hook.PTH_NAME
+    if not path.exists():
+        return None
+    path.unlink()
     return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m spacache_kernels.lm_eval_model [install-hook | <lm_eval CLI arguments>]``."""
+    """``python -m spacache_kernels.lm_eval_model [install-hook [DIR] | uninstall-hook [DIR] | <lm_eval
+    CLI arguments>]``."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["install-hook"]:
         print(f"wrote {install_hook(argv[1] if len(argv) > 1 else None)}")
+        return
+    if argv[:1] == ["uninstall-hook"]:
+        removed = uninstall_hook(argv[1] if len(argv) > 1 else None)
+        print(f"removed {removed}" if removed else "no spacache lm-eval hook was installed there")
         return
     from lm_eval.__main__ import cli_evaluate
 
@@ -328,4 +365,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module, not this `__main__` copy: its class is the one lm-eval must find
+    # (and registering a second, `__main__`, class under the same name would collide).
+    from spacache_kernels.lm_eval_model import main as _main
+
+    _main()
+else:
+    register_with_lm_eval()

@@ -110,8 +110,7 @@ def test_lm_eval_cli_finds_model_through_the_hook(task_dir, tmp_path):
 
     site_dir = tmp_path / "site"
     site_dir.mkdir()
-    pth = install_hook(str(site_dir))
-    assert pth.read_text().strip() == "import spacache_kernels._lm_eval_hook"
+    install_hook(str(site_dir))
     out_dir = tmp_path / "out"
     code = (
         "import site, sys; site.addsitedir(sys.argv[1]); sys.argv = ['lm_eval'] + sys.argv[2:]; "
@@ -162,3 +161,69 @@ def test_hf_tokenizer_directory(tmp_path):
     outs = lm.generate_until([Request("12+3="), Request("a longer prompt")], disable_tqdm=True)
     assert len(outs) == 2 and all(isinstance(o, str) and "\n" not in o for o in outs)
     assert len(lm.last_stats) == 1 and lm.last_stats[0].steps == 8  # one ragged (left-padded) batch
+
+
+def _run_with_site(site_dir: Path, code: str, cwd: Path = ROOT, isolated: bool = False):
+    """Run ``code`` in a fresh interpreter after ``site`` processed ``site_dir`` (as at startup)."""
+    prelude = "import site, sys; site.addsitedir(sys.argv[1]); "
+    cmd = [sys.executable, *(["-S"] if isolated else []), "-c", prelude + code, str(site_dir)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_offline_env(), cwd=cwd, timeout=120)
+
+
+def test_hook_startup_imports_nothing_heavy(tmp_path):
+    """With the hook installed, interpreter start imports neither torch nor the package; the finder
+    is in place, and lm-eval then finds `spacache` next to its own models without importing torch."""
+    from spacache_kernels.lm_eval_model import install_hook
+
+    install_hook(str(tmp_path))
+    probe = (
+        "import json; "
+        "pkg = lambda: any(m.startswith('spacache_kernels') for m in sys.modules); "
+        "state = lambda: ['torch' in sys.modules, pkg()]; "
+        "at_start = state(); "
+        "hooked = any(getattr(f, 'spacache_lm_eval_hook', False) for f in sys.meta_path); "
+        "from lm_eval.api.registry import model_registry; "
+        "print(json.dumps([at_start, hooked, 'spacache' in model_registry, 'hf' in model_registry, state()]))"
+    )
+    proc = _run_with_site(tmp_path, probe)
+    assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
+    at_start, hooked, registered, lm_eval_own, after = json.loads(proc.stdout)
+    assert at_start == [False, False] and hooked
+    assert registered and lm_eval_own
+    assert after[0] is False  # registering is lazy: torch only when --model spacache is resolved
+
+
+def test_stale_hook_is_silent_without_the_package(tmp_path):
+    """After `pip uninstall`, the leftover .pth must not print anything at interpreter start."""
+    from spacache_kernels.lm_eval_model import install_hook
+
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    install_hook(str(site_dir))
+    # -S: no site-packages (so no editable install), cwd outside the repository: the package is gone.
+    proc = _run_with_site(site_dir, "print(len(sys.meta_path))", cwd=tmp_path, isolated=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    bare = subprocess.run([sys.executable, "-S", "-c", "import sys; print(len(sys.meta_path))"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)  # fmt: skip
+    assert proc.stdout == bare.stdout  # no finder installed
+
+
+def test_hook_install_is_idempotent_and_uninstalls(tmp_path):
+    """`python -m spacache_kernels.lm_eval_model install-hook` runs fine with the hook active (the
+    module registers its class over the hook's placeholder), twice; `uninstall-hook` removes it."""
+    from spacache_kernels.lm_eval_model import uninstall_hook
+
+    run_module = (
+        "import runpy; sys.argv = ['lm_eval_model'] + sys.argv[2:]; "
+        "runpy.run_module('spacache_kernels.lm_eval_model', run_name='__main__', alter_sys=True); "
+        "from lm_eval.api.registry import get_model; print(get_model('spacache').__module__)"
+    )
+    for _ in range(2):
+        cmd = [sys.executable, "-c", "import site, sys; site.addsitedir(sys.argv[1]); " + run_module,
+               str(tmp_path), "install-hook", str(tmp_path)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_offline_env(), cwd=ROOT, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.splitlines()[-1] == "spacache_kernels.lm_eval_model"
+    assert len(list(tmp_path.glob("*.pth"))) == 1
+    assert uninstall_hook(str(tmp_path)) is not None and not list(tmp_path.glob("*.pth"))
+    assert uninstall_hook(str(tmp_path)) is None
