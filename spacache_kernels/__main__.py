@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--threshold", type=float, default=None)
     gen.add_argument("--factor", type=float, default=None)
     gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--backend", default="auto", choices=["auto", "triton", "torch"])
+    gen.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
+                     help="default: $SPACACHE_BACKEND, else auto")  # fmt: skip
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
     gen.add_argument("--progress", action="store_true")

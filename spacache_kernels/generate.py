@@ -12,7 +12,9 @@ of the caching policy:
 * ``factor=f`` (Fast-dLLM): sort the block's masked confidences descending and commit the largest n
   with ``c_(j) >= 1 - f / (j + 1)`` for every j <= n (j = 1 always passes).
 
-Confidence is ``softmax(logits)[token]``; temperature > 0 samples the token with Gumbel-max.
+Confidence is ``softmax(logits)[token]``; temperature > 0 samples the token with Gumbel-max. The
+noise of a row is keyed by (its own seed, step, position in the generated region) only, so a prompt
+samples the same alone and anywhere in any batch (``_step_seeds``).
 In threshold/factor mode each row advances to its next block as soon as its block is decoded and
 leaves the batch when it has no mask left (so a batch decodes each row exactly as it would alone;
 the reference keeps blocks in lockstep across the batch). Fixed-count mode needs no host sync per
@@ -29,6 +31,7 @@ import torch
 
 from spacache_kernels.models.runtime import DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
+from spacache_kernels.ops.reference import hash_u32
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
 from spacache_kernels.policies.base import DecodeState
 
@@ -105,6 +108,35 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+def _row_seeds(seed, batch: int, device: torch.device) -> torch.Tensor:
+    """(B,) int64 in [0, 2^32): one seed per row from an int (shared), a sequence or an int tensor."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype not in (torch.int32, torch.int64) or tuple(seed.shape) != (batch,):
+            raise ValueError(
+                f"seed: expected an int or ({batch},) int seeds, got {seed.dtype} "
+                f"of shape {tuple(seed.shape)}"
+            )
+        return (seed.to(device=device, dtype=torch.int64) & 0xFFFFFFFF).contiguous()
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch or any(isinstance(s, bool) or not isinstance(s, int) for s in seed):
+            raise ValueError(f"seed: expected an int or a sequence of {batch} ints (one per row), got {seed}")
+        return torch.tensor([s & 0xFFFFFFFF for s in seed], dtype=torch.int64, device=device)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed: expected an int or a sequence of per-row ints, got {type(seed).__name__}")
+    return torch.full((batch,), seed & 0xFFFFFFFF, dtype=torch.int64, device=device)
+
+
+def _step_seeds(row_seeds: torch.Tensor, step: int, block_of_row: torch.Tensor, block_length: int):
+    """Per-row noise keys of one step: hash(row seed, step, first generated offset of the row's block).
+
+    The confidence op adds the offset inside the block, so the noise of a token depends on (seed,
+    step, its position in the generated region) only: never on the row's place in the batch or the
+    padded prompt width.
+    """
+    key = hash_u32(hash_u32(row_seeds) ^ step)
+    return hash_u32(key ^ (block_of_row * block_length))
+
+
 def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
               temperature, backend):  # fmt: skip
     if not isinstance(input_ids, torch.Tensor):
@@ -171,8 +203,8 @@ def generate(
     factor: float | None = None,
     temperature: float = 0.0,
     eos_token_id: int | None = None,
-    backend: str | None = "auto",
-    seed: int = 0,
+    backend: str | None = None,
+    seed: int | list[int] | torch.Tensor = 0,
     progress: bool = False,
 ) -> GenerationOutput:
     """Decode ``gen_length`` masked tokens after each prompt with a caching policy.
@@ -186,8 +218,13 @@ def generate(
         policy: "spa" | "vanilla" | any registered name | a CachePolicy instance.
         threshold / factor: unmasking rule (default: fixed count per step).
         temperature: 0 = greedy; > 0 = Gumbel-max sampling (reproducible through ``seed``).
+        seed: the sampling seed: an int shared by every row, or one int per row (a sequence or a (B,)
+            int tensor; give repeated prompts different seeds to get different samples). A row's
+            noise depends on its seed, the step and the position only, so a prompt samples the same
+            alone and in any batch, at any position. Low 32 bits are used.
         eos_token_id: for statistics (generated tokens are counted up to the first EOS).
-        backend: "auto" | "triton" | "torch" | None (``SPACACHE_BACKEND``) for every op.
+        backend: "auto" | "triton" | "torch" for every op; None (default): ``SPACACHE_BACKEND``, else
+            "auto".
         progress: show a tqdm bar over steps.
 
     Returns:
@@ -199,6 +236,7 @@ def generate(
     device = model.device
     input_ids = input_ids.to(device=device, dtype=torch.int64)
     batch, prompt_len = input_ids.shape
+    row_seeds = _row_seeds(seed, batch, device)
     mask_id = model.mask_id
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -257,7 +295,8 @@ def generate(
         stats.plan_kinds[plan.kind] = stats.plan_kinds.get(plan.kind, 0) + 1
         runtime.step(tokens, plan)
         positions = block_start[:, None] + offsets  # (B, b)
-        token, conf = runtime.decide(positions, temperature=float(temperature), seed=seed * 1_000_003 + step)
+        step_seeds = _step_seeds(row_seeds, step, block_of_row, block_length) if temperature > 0 else 0
+        token, conf = runtime.decide(positions, temperature=float(temperature), seed=step_seeds)
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
         if fixed:
@@ -296,6 +335,7 @@ def generate(
             if not bool(keep.any()):
                 break
             tokens, row_ids, block_of_row = tokens[keep], row_ids[keep], block_of_row[keep]
+            row_seeds = row_seeds[keep]
             committed = committed[keep] if committed is not None else None
             runtime.drop_rows(keep)
             policy.drop_rows(keep)

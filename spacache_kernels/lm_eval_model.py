@@ -28,7 +28,10 @@ Model arguments (``--model_args key=value,...``):
   argument the policy's constructor accepts (``max_update_ratio``, ``proxy_rank``, ``refresh_steps``,
   ...) is passed to it.
 * ``gen_length``, ``steps`` (default = gen_length), ``block_length``, ``threshold`` / ``factor``,
-  ``temperature``, ``backend`` ("auto" | "triton" | "torch"), ``device``, ``dtype`` (default bfloat16
+  ``temperature``, ``seed`` (default: lm-eval's torch seed; each request samples with its own seed
+  derived from it and the request, so repeats differ and batching never changes a sample),
+  ``backend`` ("auto" | "triton" | "torch";
+  default ``SPACACHE_BACKEND``, else auto), ``device``, ``dtype`` (default bfloat16
   on CUDA, float32 on the CPU), ``batch_size``.
 * ``tokenizer``: a tokenizer directory (default ``pretrained``). A directory with a
   ``char_tokenizer.json`` uses the tiny char tokenizer (:mod:`spacache_kernels.tiny_dlm`); anything else
@@ -104,14 +107,14 @@ class SpaCacheLM(LM):
         threshold: float | None = None,
         factor: float | None = None,
         temperature: float = 0.0,
-        backend: str = "auto",
+        backend: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int | str = 1,
         tokenizer: str | None = None,
         trust_remote_code: bool = False,
         add_bos_token: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         **policy_kwargs: Any,
     ):
         super().__init__()
@@ -155,7 +158,8 @@ class SpaCacheLM(LM):
         self.temperature = float(temperature)
         self.backend = backend
         self.add_bos_token = bool(add_bos_token)
-        self.seed = int(seed)
+        # lm-eval seeds torch (--seed, third value) before it builds the model: derive from that.
+        self.seed = int(seed) if seed is not None else torch.initial_seed()
         self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self.last_stats: list = []  # GenerationStats of every generate() call, for throughput reports
 
@@ -243,6 +247,7 @@ class SpaCacheLM(LM):
         from tqdm.auto import tqdm
 
         items = []
+        seen: dict[str, int] = {}
         for i, req in enumerate(requests):
             context, gen_kwargs = req.args
             gen_kwargs = dict(gen_kwargs or {})
@@ -251,7 +256,7 @@ class SpaCacheLM(LM):
             temperature = float(gen_kwargs.get("temperature", self.temperature) or 0.0)
             if not gen_kwargs.get("do_sample", temperature > 0):
                 temperature = 0.0
-            items.append((i, self._encode(context), until, temperature))
+            items.append((i, self._encode(context), until, temperature, self._request_seed(req, seen)))
         # Longest first: the slowest batch runs first, and similar lengths share a batch.
         order = sorted(items, key=lambda item: (-len(item[1]), item[3]))
         results: list[str | None] = [None] * len(items)
@@ -266,15 +271,31 @@ class SpaCacheLM(LM):
                     break
                 batch.append(nxt)
             start += len(batch)
-            texts = self._generate_batch([b[1] for b in batch], [b[2] for b in batch], temp)
-            for (idx, _, _, _), text in zip(batch, texts, strict=True):
+            prompts, untils, seeds = ([b[k] for b in batch] for k in (1, 2, 4))
+            texts = self._generate_batch(prompts, untils, temp, seeds)
+            for (idx, *_), text in zip(batch, texts, strict=True):
                 results[idx] = text
                 self.cache_hook.add_partial("generate_until", requests[idx].args, text)
             bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, prompts: list[list[int]], untils: list[list[str]], temperature: float):
+    def _request_seed(self, req, seen: dict[str, int]) -> int:
+        """The sampling seed of one request: a hash of the model's seed, the request (task, document,
+        index, arguments) and how often the same request came before (lm-eval's ``repeats`` pass one
+        request several times: each repeat gets its own seed). Independent of batching and order."""
+        import hashlib
+
+        key = repr((getattr(req, "task_name", None), getattr(req, "doc_id", None), getattr(req, "idx", None),
+                    req.args))  # fmt: skip
+        occurrence = seen.get(key, 0)
+        seen[key] = occurrence + 1
+        digest = hashlib.blake2b(f"{self.seed}|{occurrence}|{key}".encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "little")
+
+    def _generate_batch(
+        self, prompts: list[list[int]], untils: list[list[str]], temperature: float, seeds: list[int]
+    ):
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.int64)
         mask = torch.zeros_like(ids)
@@ -296,7 +317,7 @@ class SpaCacheLM(LM):
             temperature=temperature,
             eos_token_id=self.eos_token_id,
             backend=self.backend,
-            seed=self.seed,
+            seed=seeds,
         )
         self.last_stats.append(out.stats)
         gen = out.sequences[:, length:].cpu().tolist()

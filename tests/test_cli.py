@@ -26,3 +26,13 @@ def test_cli_generate_matches_the_api(tmp_path, capsys):
     want = generate(model, ids, attention_mask=mask, gen_length=16, steps=16, block_length=8, policy="spa",
                     backend="torch")  # fmt: skip
     assert rows == want.sequences[:, 3:].tolist()
+
+
+def test_cli_follows_spacache_backend(tmp_path, capsys, monkeypatch):
+    from tests.test_generate_edges import forbid_triton
+
+    path = write_llada_checkpoint(tmp_path / "m", n_layers=2, max_sequence_length=64)
+    forbid_triton(monkeypatch)
+    argv = ["generate", "--model", str(path), "--prompt-ids", "5,6,7", "--gen-length", "8", "--steps", "8",
+            "--block-length", "8"]  # fmt: skip
+    assert main(argv) == 0

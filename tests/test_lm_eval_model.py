@@ -227,3 +227,38 @@ def test_hook_install_is_idempotent_and_uninstalls(tmp_path):
     assert len(list(tmp_path.glob("*.pth"))) == 1
     assert uninstall_hook(str(tmp_path)) is not None and not list(tmp_path.glob("*.pth"))
     assert uninstall_hook(str(tmp_path)) is None
+
+
+class _Request:
+    """The part of lm-eval's Instance that generate_until reads."""
+
+    def __init__(self, context: str, do_sample: bool = False, temperature: float = 0.0, doc_id: int = 0):
+        self.args = (context, {"until": ["="], "do_sample": do_sample, "temperature": temperature})
+        self.task_name, self.doc_id, self.idx = "tiny_add", doc_id, 0
+
+
+def test_wrapper_follows_spacache_backend(monkeypatch):
+    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from tests.test_generate_edges import forbid_triton
+
+    forbid_triton(monkeypatch)
+    lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy="vanilla", gen_length=8, steps=8, block_length=8)
+    assert lm.backend is None
+    assert lm.generate_until([_Request("12+34=")], disable_tqdm=True)[0].isdigit()
+
+
+def test_wrapper_repeats_differ_and_batching_keeps_samples(monkeypatch):
+    """lm-eval passes a request `repeats` times: each repeat gets its own seed (derived from the
+    model seed and the request), and a request samples the same at any batch size."""
+    from spacache_kernels.lm_eval_model import SpaCacheLM
+
+    kw = dict(pretrained=str(CHECKPOINT), policy="vanilla", gen_length=8, steps=8, block_length=8,
+              backend="torch", seed=3)  # fmt: skip
+    repeated = _Request("1234+5678=", do_sample=True, temperature=20.0)
+    others = [_Request(f"{1000 + i}+{2000 + i}=", True, 20.0, doc_id=i + 1) for i in range(3)]
+    requests = [repeated] * 4 + others
+    alone = SpaCacheLM(batch_size=1, **kw).generate_until(requests, disable_tqdm=True)
+    assert len(set(alone[:4])) > 1, alone
+    assert SpaCacheLM(batch_size=4, **kw).generate_until(requests, disable_tqdm=True) == alone
+    other_seed = SpaCacheLM(batch_size=1, **dict(kw, seed=4)).generate_until(requests, disable_tqdm=True)
+    assert other_seed != alone

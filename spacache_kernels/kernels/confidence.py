@@ -18,7 +18,8 @@ Kernels, each behind a launcher that takes raw tensors (no validation:
   strictly better. With ``temperature > 0`` the score is ``z / temperature + g``,
   ``g = -log(-log(u))``, ``u`` the counter-based uniform of ``reference.counter_uniform`` recomputed
   bit for bit in uint32 arithmetic (``hash_u32``, "lowbias32") from ``(seed, row = b * m + j, v)``,
-  so the noise costs no memory and matches the torch backend.
+  or, with per-row seeds, from ``(seed[b], row = j, v)`` (a row's noise then depends on its own seed
+  only, not on where it sits in the batch), so the noise costs no memory and matches the torch backend.
 * **Combine kernel**: merges the ``n_splits`` partials of each row (log-sum-exp rescaling; the best
   score, lowest token among equal scores since splits are in vocabulary order) and writes
   ``token`` (int64) and ``confidence = exp(best_logit - lse)`` (fp32).
@@ -109,7 +110,9 @@ def _row_keys(seed, rows):
 
 # The grid's second axis is the split count, computed on the host from the row count: the key
 # holds the values that decide the best tile shape.
-@triton.autotune(configs=autotune_configs(_CONFIGS), key=["row_bucket", "V", "d", "SAMPLE", "UPCAST"])
+@triton.autotune(
+    configs=autotune_configs(_CONFIGS), key=["row_bucket", "V", "d", "SAMPLE", "ROW_SEEDS", "UPCAST"]
+)
 @triton.jit(do_not_specialize=["seed", "temperature"])
 def _lm_head_partial_kernel(
     hidden_ptr,
@@ -127,6 +130,7 @@ def _lm_head_partial_kernel(
     split_v,
     temperature,
     seed,
+    row_seed_ptr,  # (B,) int64 per-row seeds in [0, 2^32) when ROW_SEEDS (else a dummy pointer)
     suppress,  # vocabulary id never chosen (-1: none)
     row_bucket,  # autotune key only
     stride_hb,
@@ -138,6 +142,7 @@ def _lm_head_partial_kernel(
     stride_wd,
     HAS_POS: tl.constexpr,
     SAMPLE: tl.constexpr,
+    ROW_SEEDS: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -159,7 +164,11 @@ def _lm_head_partial_kernel(
     v_lo = pid_s * split_v
     v_hi = tl.minimum(v_lo + split_v, V)
     if SAMPLE:
-        row_key = _row_keys(seed, rows)
+        if ROW_SEEDS:
+            row_seed = tl.load(row_seed_ptr + b, mask=row_ok, other=0)
+            row_key = _hash_u32(j.to(tl.uint32) ^ _hash_u32(row_seed.to(tl.uint32)))
+        else:
+            row_key = _row_keys(seed, rows)
 
     run_m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     run_l = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -284,7 +293,7 @@ def token_confidence(
     lm_head: torch.Tensor,
     positions: torch.Tensor | None = None,
     temperature: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     suppress_token: int | None = None,
     *,
     splits: int | None = None,
@@ -295,10 +304,11 @@ def token_confidence(
 
     hidden (B, L, d) float, any strides; lm_head (V, d) float, any strides, ``V >= 1``; positions
     (B, m) int32/int64 in [0, L) or None (all L rows, ``m = L``); temperature >= 0 (0 = argmax);
-    seed an int (its low 32 bits are used). splits: the number of vocabulary ranges processed in
-    parallel (None: :func:`default_splits`; rounded so that every range is a whole number of
-    ``SPLIT_QUANTUM`` columns and none is empty). token_out (B, m) int64, conf_out (B, m) fp32, or
-    None (allocated). Returns ``(token, confidence)``.
+    seed an int (its low 32 bits are used) or a (B,) int64 tensor of per-row seeds in [0, 2^32) on
+    the device of ``hidden`` (the noise of row ``(b, j)`` is then keyed by ``(seed[b], j)``).
+    splits: the number of vocabulary ranges processed in parallel (None: :func:`default_splits`;
+    rounded so that every range is a whole number of ``SPLIT_QUANTUM`` columns and none is empty).
+    token_out (B, m) int64, conf_out (B, m) fp32, or None (allocated). Returns ``(token, confidence)``.
     """
     n_batch, length, d = hidden.shape
     vocab = lm_head.shape[0]
@@ -327,6 +337,7 @@ def token_confidence(
     part_tok = torch.empty((splits, n_rows), dtype=torch.int32, device=device)
     upcast = interpreting() or hidden.dtype != lm_head.dtype or hidden.dtype == torch.float32
     sample = temperature > 0
+    row_seeds = isinstance(seed, torch.Tensor)
     pos = positions if positions is not None else hidden  # dummy pointer when HAS_POS is False
     pos_strides = positions.stride() if positions is not None else (0, 0)
 
@@ -349,7 +360,8 @@ def token_confidence(
             d,
             split_v,
             float(temperature) if sample else 1.0,
-            int(seed) & _U32,
+            0 if row_seeds else int(seed) & _U32,
+            seed if row_seeds else hidden,
             -1 if suppress_token is None else int(suppress_token),
             next_pow2(n_rows),
             *hidden.stride(),
@@ -357,6 +369,7 @@ def token_confidence(
             *lm_head.stride(),
             HAS_POS=positions is not None,
             SAMPLE=sample,
+            ROW_SEEDS=row_seeds,
             UPCAST=upcast,
         )
         block_s = max(16, next_pow2(splits))

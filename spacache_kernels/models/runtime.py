@@ -260,7 +260,7 @@ class DenoiseRuntime:
 
     # ------------------------------------------------------------------------------------------
     def decide(
-        self, positions: torch.Tensor, *, temperature: float = 0.0, seed: int = 0
+        self, positions: torch.Tensor, *, temperature: float = 0.0, seed: int | torch.Tensor = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted token and confidence at ``positions`` (B, m) of the last computed hidden states.
 

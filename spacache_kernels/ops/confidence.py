@@ -27,9 +27,19 @@ def _check_temperature(temperature) -> float:
     return temperature
 
 
-def _check_seed(seed) -> int:
+def _check_seed(seed, n_batch: int, device: torch.device) -> int | torch.Tensor:
+    """An int, or a (B,) int tensor of per-row seeds (returned as int64 in [0, 2^32) on ``device``)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype not in (torch.int32, torch.int64) or tuple(seed.shape) != (n_batch,):
+            raise ValueError(
+                f"seed: expected an int or a ({n_batch},) int32/int64 tensor of per-row seeds, "
+                f"got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
+        if seed.device != device:
+            raise ValueError(f"seed: expected per-row seeds on {device}, got {seed.device}")
+        return (seed.long() & 0xFFFFFFFF).contiguous()
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        raise TypeError(f"seed: expected an int or a (B,) int tensor, got {type(seed).__name__}")
     return int(seed)
 
 
@@ -40,7 +50,7 @@ def token_confidence(
     positions: torch.Tensor | None = None,
     *,
     temperature: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     suppress_token: int | None = None,
     backend: str | None = None,
     check_indices: bool = True,
@@ -50,15 +60,18 @@ def token_confidence(
     With ``z = hidden[b, positions[b, j]] @ lm_head.T`` (fp32 math): ``temperature == 0`` gives
     ``token = argmax_v z`` (the lowest index among ties); ``temperature > 0`` gives the Gumbel-max
     sample ``argmax_v (z / temperature + g)``, ``g = -log(-log(u))`` with
-    ``u = reference.counter_uniform(seed, b * m + j, v)``, so both backends draw the same tokens for
-    the same seed. ``confidence = softmax(z)[token]`` (of the untempered logits).
+    ``u = reference.counter_uniform(seed, b * m + j, v)``, or with per-row seeds
+    ``u = reference.counter_uniform(seed[b], j, v)`` (a row's sample then does not depend on the
+    batch it is in), so both backends draw the same tokens for the same seed.
+    ``confidence = softmax(z)[token]`` (of the untempered logits).
 
     Args:
         hidden: (B, L, d) fp32/fp16/bf16, any strides (the final-normed hidden states).
         lm_head: (V, d) fp32/fp16/bf16, any strides, ``V >= 1``.
         positions: (B, m) int32/int64 in [0, L) (repeats allowed), or None for all L positions.
         temperature: a float >= 0.
-        seed: an int; its low 32 bits select the noise.
+        seed: an int (its low 32 bits select the noise), or a (B,) int32/int64 tensor of per-row
+            seeds on the device of ``hidden`` (their low 32 bits are used).
         suppress_token: a vocabulary id never chosen (generate() passes the mask id: committing the
             mask token would leave the position masked); it still counts in the softmax.
         backend: ``"auto" | "triton" | "torch"`` or None (``SPACACHE_BACKEND``, default auto).
@@ -77,7 +90,7 @@ def token_confidence(
     if positions is not None:
         check_index("positions", positions, batch=n_batch, length=length, check_values=False)
     temperature = _check_temperature(temperature)
-    seed = _check_seed(seed)
+    seed = _check_seed(seed, n_batch, hidden.device)
     if suppress_token is not None and (
         isinstance(suppress_token, bool) or not isinstance(suppress_token, int)
         or not 0 <= suppress_token < lm_head.shape[0]

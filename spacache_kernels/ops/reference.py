@@ -209,13 +209,16 @@ def hash_u32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def counter_uniform(seed: int, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+def counter_uniform(seed: int | torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
     """Counter-based uniform in (0, 1) for (row, col) pairs: ``hash(col ^ hash(row ^ hash(seed)))``.
 
+    ``seed``: an int, or an int tensor broadcasting against ``row`` (per-row seeds).
     The Triton confidence kernel draws the same numbers, so Gumbel-max sampling is reproducible
     across backends without materializing a (rows, V) noise tensor in the kernel path.
     """
-    s = hash_u32(torch.tensor(seed & _U32, dtype=torch.int64, device=row.device))
+    if not isinstance(seed, torch.Tensor):
+        seed = torch.tensor(seed & _U32, dtype=torch.int64, device=row.device)
+    s = hash_u32(seed.long())
     h = hash_u32(col.long() ^ hash_u32(row.long() ^ s))
     return ((h >> 8).double() + 0.5).float() * (2.0**-24)
 
@@ -225,7 +228,7 @@ def token_confidence(
     lm_head: torch.Tensor,
     positions: torch.Tensor | None = None,
     temperature: float = 0.0,
-    seed: int = 0,
+    seed: int | torch.Tensor = 0,
     suppress_token: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LM head at selected positions, then the decision and its confidence.
@@ -233,7 +236,8 @@ def token_confidence(
     hidden (B, L, d), lm_head (V, d), positions (B, m) int or None (all L). Logits ``z`` (fp32).
     temperature == 0: ``token = argmax z``; temperature > 0: Gumbel-max,
     ``token = argmax(z / temperature + g)`` with ``g = -log(-log(u))``, ``u = counter_uniform(seed,
-    flat_row, v)`` and ``flat_row = b * m + j``. ``confidence = softmax(z)[token]`` (fp32).
+    flat_row, v)`` and ``flat_row = b * m + j``; with per-row seeds (a (B,) int tensor)
+    ``u = counter_uniform(seed[b], j, v)``. ``confidence = softmax(z)[token]`` (fp32).
     ``suppress_token``: a vocabulary id that is never chosen (the mask token: committing it would
     leave the position masked); it still counts in the softmax normalizer.
     Returns ``(token (B, m) int64, confidence (B, m) fp32)``.
@@ -243,8 +247,11 @@ def token_confidence(
     score = logits
     if temperature > 0:
         b, m, v = logits.shape
-        flat_row = torch.arange(b * m, device=hidden.device).view(b, m, 1)
-        u = counter_uniform(seed, flat_row, torch.arange(v, device=hidden.device).view(1, 1, v))
+        if isinstance(seed, torch.Tensor):  # per-row seeds: row (b, j) is keyed by (seed[b], j)
+            row, seed = torch.arange(m, device=hidden.device).view(1, m, 1), seed.view(b, 1, 1)
+        else:
+            row = torch.arange(b * m, device=hidden.device).view(b, m, 1)
+        u = counter_uniform(seed, row, torch.arange(v, device=hidden.device).view(1, 1, v))
         score = logits / temperature - torch.log(-torch.log(u))
     if suppress_token is not None:
         score = score.clone()

@@ -134,6 +134,24 @@ def test_sampling_follows_the_seed(device):
     assert (greedy != tokens[0]).float().mean() > 0.5, "temperature 0.7 on flat logits must not be greedy"
 
 
+def test_per_row_seeds_key_the_noise_by_row_not_by_batch_position(device):
+    """With a (B,) seed tensor, row b's sample depends on (seed[b], j) only: the same row with the
+    same seed samples the same alone or at another batch position, on both backends."""
+    hidden, lm_head = make_inputs(3, 8, 32, 1000, F32, device, seed=5, lm_scale=0.05)  # flat logits
+    seeds = torch.tensor([11, 2**32 + 7, 11], device=device)  # rows 0 and 2 share a seed
+    token, _ = kernels.token_confidence(hidden, lm_head, None, 0.8, seeds)
+    ref_token, _ = reference.token_confidence(hidden, lm_head, None, 0.8, seeds)
+    assert torch.equal(token, ref_token)
+    for b in range(3):
+        alone, _ = kernels.token_confidence(hidden[b : b + 1], lm_head, None, 0.8, seeds[b : b + 1])
+        assert torch.equal(alone[0], token[b])
+    flipped, _ = kernels.token_confidence(hidden.flip(0), lm_head, None, 0.8, seeds.flip(0))
+    assert torch.equal(flipped.flip(0), token)
+    other, _ = kernels.token_confidence(hidden, lm_head, None, 0.8, seeds + 1)
+    assert (other != token).float().mean() > 0.5, "a different seed must give different samples"
+    assert torch.equal(reference.token_confidence(hidden, lm_head, None, 0.8, seeds & U32)[0], ref_token)
+
+
 def test_confidence_is_of_the_untempered_logits(device):
     hidden, lm_head = make_inputs(1, 6, 40, 300, F32, device, seed=8)
     token, conf = kernels.token_confidence(hidden, lm_head, None, 1.5, 9)

@@ -1,0 +1,106 @@
+"""generate() at the edges: reproducible sampling per row, the backend default, NaN, statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spacache_kernels.generate import generate
+from spacache_kernels.models import load_model
+from tests.models.checkpoints import write_llada_checkpoint
+
+GEN, BLOCK = 16, 8
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+    path = write_llada_checkpoint(tmp_path_factory.mktemp("llada"), n_layers=2, max_sequence_length=64)
+    return load_model(path, dtype=torch.float32)
+
+
+def prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 100, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+SAMPLE = dict(
+    gen_length=GEN, steps=GEN, block_length=BLOCK, policy="vanilla", backend="torch", temperature=2.0
+)
+
+
+@pytest.mark.parametrize("rule", [{}, {"threshold": 0.5}])
+def test_a_row_samples_the_same_alone_and_at_any_batch_position(llada, rule):
+    rows = [prompt(4, 1), prompt(6, 2), prompt(3, 3)]
+    seeds = [5, 17, 5]
+    alone = [
+        generate(llada, r[None], seed=s, **SAMPLE, **rule).sequences[0, len(r) :] for r, s in zip(rows, seeds)
+    ]
+    for order in ([0, 1, 2], [2, 0, 1]):
+        ids, mask = left_pad([rows[i] for i in order])
+        out = generate(llada, ids, attention_mask=mask, seed=[seeds[i] for i in order], **SAMPLE, **rule)
+        for pos, i in enumerate(order):
+            assert torch.equal(out.sequences[pos, ids.shape[1] :], alone[i]), f"row {i} at position {pos}"
+    # An int seed is every row's seed: the same as passing it per row.
+    ids, mask = left_pad(rows)
+    shared = generate(llada, ids, attention_mask=mask, seed=5, **SAMPLE, **rule).sequences[:, ids.shape[1] :]
+    assert torch.equal(shared[0], alone[0]) and torch.equal(shared[2], alone[2])
+
+
+def test_different_seeds_give_different_samples(llada):
+    ids = prompt(5, 4)[None].repeat(4, 1)  # one prompt, four times ("repeats")
+    same = generate(llada, ids, seed=3, **SAMPLE).sequences[:, 5:]
+    assert all(torch.equal(same[0], row) for row in same)
+    varied = generate(llada, ids, seed=torch.tensor([0, 1, 2, 3]), **SAMPLE).sequences[:, 5:]
+    assert len({tuple(row.tolist()) for row in varied}) == 4
+    greedy = dict(SAMPLE, temperature=0.0)
+    assert torch.equal(
+        generate(llada, ids, seed=1, **greedy).sequences, generate(llada, ids, seed=2, **greedy).sequences
+    )
+
+
+@pytest.mark.parametrize(
+    "seed, error",
+    [
+        (1.5, TypeError),
+        (True, TypeError),
+        ([1, 2, 3], ValueError),
+        (torch.zeros(2, dtype=torch.float32), ValueError),
+    ],
+)
+def test_bad_seed(llada, seed, error):
+    with pytest.raises(error, match="seed"):
+        generate(llada, prompt(4, 0)[None].repeat(2, 1), seed=seed, **SAMPLE)
+
+
+def forbid_triton(monkeypatch):
+    """SPACACHE_BACKEND=torch, and the Triton LM-head kernel fails if anything still reaches it
+    (under TRITON_INTERPRET=1 "auto" would pick it)."""
+    from spacache_kernels.kernels import confidence
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran although SPACACHE_BACKEND=torch")
+
+    monkeypatch.setenv("SPACACHE_BACKEND", "torch")
+    monkeypatch.setattr(confidence, "token_confidence", fail)
+
+
+def test_generate_follows_spacache_backend(llada, monkeypatch):
+    ids = prompt(4, 0)[None]
+    kw = dict(gen_length=8, steps=8, block_length=8, policy="spa")
+    want = generate(llada, ids, backend="torch", **kw).sequences
+    forbid_triton(monkeypatch)
+    assert torch.equal(generate(llada, ids, **kw).sequences, want)
+    with pytest.raises(AssertionError, match="Triton kernel ran"):  # an explicit backend still wins
+        generate(llada, ids, backend="triton", **kw)
+    monkeypatch.setenv("SPACACHE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SPACACHE_BACKEND"):
+        generate(llada, ids, **kw)
