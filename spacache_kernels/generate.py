@@ -23,12 +23,14 @@ step; threshold/factor mode reads one flag per step (whether the loop is done).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from spacache_kernels.models.model import DiffusionLM
 from spacache_kernels.models.runtime import DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.ops.reference import hash_u32
@@ -137,8 +139,26 @@ def _step_seeds(row_seeds: torch.Tensor, step: int, block_of_row: torch.Tensor, 
     return hash_u32(key ^ (block_of_row * block_length))
 
 
+def _note_nan(conf: torch.Tensor, step: int, first_nan_step: torch.Tensor) -> torch.Tensor:
+    """Record (on the device, no host sync) the first step whose confidences hold a NaN."""
+    bad = torch.isnan(conf).any()
+    return torch.where(bad & (first_nan_step < 0), torch.full_like(first_nan_step, step), first_nan_step)
+
+
+def _raise_if_nan(first_nan_step: torch.Tensor) -> None:
+    step = int(first_nan_step)
+    if step >= 0:
+        raise FloatingPointError(
+            f"generate: the confidences of step {step} are not finite (NaN): the model produced NaN "
+            "logits (NaN / inf weights, or an overflow in a low-precision dtype); "
+            "load_model(..., check_finite=True) names a non-finite weight"
+        )
+
+
 def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend):  # fmt: skip
+              temperature, backend, eos_token_id=None):  # fmt: skip
+    if not isinstance(model, DiffusionLM):
+        raise TypeError(f"model: expected a DiffusionLM (see load_model), got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -161,6 +181,18 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
         raise ValueError(
             f"input_ids: prompt length {input_ids.shape[1]} + gen_length {gen_length} exceeds the "
             f"model's max positions {cfg.max_positions}"
+        )
+    for name, value in (("threshold", threshold), ("factor", factor), ("temperature", temperature)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value}")
+    if eos_token_id is not None and (
+        isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+        or not 0 <= eos_token_id < cfg.vocab_size
+    ):  # fmt: skip
+        raise ValueError(
+            f"eos_token_id: expected None or a token id in [0, {cfg.vocab_size}), got {eos_token_id!r}"
         )
     if threshold is not None and factor is not None:
         raise ValueError("threshold / factor: give at most one unmasking rule")
@@ -229,9 +261,13 @@ def generate(
 
     Returns:
         GenerationOutput(sequences (B, P + G) int64, stats).
+
+    Raises:
+        ValueError / TypeError: a bad argument (named, with what was expected).
+        FloatingPointError: a step's confidences were NaN (checked once, after the loop).
     """
     _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend)  # fmt: skip
+              temperature, backend, eos_token_id)  # fmt: skip
     policy = make_policy(policy)
     device = model.device
     input_ids = input_ids.to(device=device, dtype=torch.int64)
@@ -278,6 +314,7 @@ def generate(
     schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
     block_index, step_in_block = 0, 0  # host-side, meaningful in lockstep mode
     committed = None
+    first_nan_step = torch.full((), -1, dtype=torch.int64, device=device)
     while True:
         if fixed:
             if step >= steps:
@@ -297,6 +334,7 @@ def generate(
         positions = block_start[:, None] + offsets  # (B, b)
         step_seeds = _step_seeds(row_seeds, step, block_of_row, block_length) if temperature > 0 else 0
         token, conf = runtime.decide(positions, temperature=float(temperature), seed=step_seeds)
+        first_nan_step = _note_nan(conf, step, first_nan_step)
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
         if fixed:
@@ -346,6 +384,7 @@ def generate(
     stats.seconds = time.perf_counter() - start_time
     if bar is not None:
         bar.close()
+    _raise_if_nan(first_nan_step)  # one read after the loop: a NaN step fails loudly, never as EOS
 
     gen = output[:, prompt_len:]
     if eos_token_id is not None:

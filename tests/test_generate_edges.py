@@ -104,3 +104,65 @@ def test_generate_follows_spacache_backend(llada, monkeypatch):
     monkeypatch.setenv("SPACACHE_BACKEND", "cuda")
     with pytest.raises(ValueError, match="SPACACHE_BACKEND"):
         generate(llada, ids, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# NaN is never hidden
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("poisoned", ["q", "k", "v"])
+def test_attention_nan_propagates_the_same_on_both_backends(poisoned):
+    from spacache_kernels.ops import sparse_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 2, 8, generator=g) for n in (3, 5, 5))
+    {"q": q, "k": k, "v": v}[poisoned][0, 1, 0, 0] = float("nan")
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1] = True  # batch row 1: every key is padding -> zeros, the only rows allowed to be zeroed
+    outs = [sparse_attention(q, k, v, pad, backend=b)[0] for b in ("torch", "triton")]
+    nan_rows = [o.isnan().any(-1).any(-1) for o in outs]
+    assert torch.equal(nan_rows[0], nan_rows[1])
+    assert bool(nan_rows[0][0].any()) and not bool(nan_rows[0][1].any())
+    assert torch.equal(outs[0][1], torch.zeros_like(outs[0][1])) and torch.equal(outs[1][1], outs[0][1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_weight_makes_generate_raise(tmp_path, backend):
+    from safetensors.torch import load_file, save_file
+
+    path = write_llada_checkpoint(tmp_path, n_layers=2, max_sequence_length=64)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["model.transformer.blocks.1.q_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(path / "model.safetensors"))
+    model = load_model(path, dtype=torch.float32)
+    with pytest.raises(FloatingPointError, match="step 0 .*not finite"):
+        generate(model, prompt(4, 0)[None], gen_length=8, steps=8, block_length=8, backend=backend)
+    with pytest.raises(ValueError, match="q_proj.*non-finite"):
+        load_model(path, check_finite=True)
+
+
+# --------------------------------------------------------------------------------------------
+# errors name the argument
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(threshold="0.9"), TypeError, "threshold: expected a number"),
+        (dict(factor=True), TypeError, "factor: expected a number"),
+        (dict(temperature=float("nan")), ValueError, "temperature: expected a finite"),
+        (dict(eos_token_id=10_000), ValueError, "eos_token_id: expected None or a token id"),
+        (dict(eos_token_id="eos"), ValueError, "eos_token_id"),
+        (dict(policy=3), TypeError, "policy: expected a name"),
+    ],
+)
+def test_generate_errors_name_the_argument(llada, kwargs, error, match):
+    kw = dict(gen_length=8, steps=8, block_length=8, backend="torch")
+    with pytest.raises(error, match=match):
+        generate(llada, prompt(4, 0)[None], **{**kw, **kwargs})
+
+
+def test_generate_rejects_a_non_model_and_load_model_a_bad_device(tmp_path):
+    with pytest.raises(TypeError, match="model: expected a DiffusionLM"):
+        generate(object(), prompt(4, 0)[None], gen_length=8, steps=8, block_length=8)
+    path = write_llada_checkpoint(tmp_path, n_layers=1)
+    with pytest.raises(ValueError, match="device: expected a torch device"):
+        load_model(path, device="gpu0")

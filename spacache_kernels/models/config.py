@@ -9,6 +9,7 @@ produce a plausible-looking but wrong model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -144,11 +145,36 @@ def detect_arch(config: Mapping[str, Any]) -> str:
     )
 
 
-def _require(config: Mapping[str, Any], name: str, family: str):
+_REQUIRED = object()
+
+
+def _int(config: Mapping[str, Any], name: str, family: str, default: Any = _REQUIRED, minimum: int = 1):
+    """``config[name]`` as an int >= ``minimum`` (a float only when integral), else a ValueError that
+    names the field; ``default`` when absent (missing and required: the field is named too)."""
     value = config.get(name)
     if value is None:
-        raise ValueError(f"config: missing required field {name!r} for a {family} checkpoint")
-    return value
+        if default is _REQUIRED:
+            raise ValueError(f"config: missing required field {name!r} for a {family} checkpoint")
+        return default
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    ):
+        raise ValueError(f"config: field {name!r} expected an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"config: field {name!r} expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float(config: Mapping[str, Any], name: str, default: float, positive: bool = True) -> float:
+    """``config[name]`` as a finite float (> 0 when ``positive``), else a ValueError naming the field."""
+    value = config.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"config: field {name!r} expected a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"config: field {name!r} expected a positive number, got {value!r}")
+    return float(value)
 
 
 def _reject(config: Mapping[str, Any], name: str, unsupported, why: str) -> None:
@@ -190,27 +216,28 @@ def _rope_theta(config: Mapping[str, Any], family: str) -> float:
         theta = params.get("rope_theta")
     if theta is None:
         raise ValueError(f"config: missing required field 'rope_theta' for a {family} checkpoint")
-    return float(theta)
+    return _float({"rope_theta": theta}, "rope_theta", 0.0)
 
 
 def _from_llada(config: Mapping[str, Any]) -> ModelConfig:
     family = "LLaDA"
-    d_model = int(_require(config, "d_model", family))
-    n_heads = int(_require(config, "n_heads", family))
-    n_layers = int(_require(config, "n_layers", family))
-    n_kv_heads = config.get("n_kv_heads")
+    d_model = _int(config, "d_model", family)
+    n_heads = _int(config, "n_heads", family)
+    n_layers = _int(config, "n_layers", family)
+    n_kv_heads = _int(config, "n_kv_heads", family, default=n_heads)
     if config.get("multi_query_attention"):
         n_kv_heads = 1
-    n_kv_heads = int(n_kv_heads) if n_kv_heads is not None else n_heads
     if config.get("mlp_hidden_size") is not None:
-        ffn_dim = int(config["mlp_hidden_size"])
+        ffn_dim = _int(config, "mlp_hidden_size", family)
     elif config.get("mlp_ratio") is not None:
-        ffn_dim = int(config["mlp_ratio"] * d_model)
+        ffn_dim = int(_float(config, "mlp_ratio", 1.0) * d_model)
     else:
         raise ValueError(
             "config: missing required field 'mlp_hidden_size' (or 'mlp_ratio') for a LLaDA checkpoint"
         )
     vocab = config.get("embedding_size") or config.get("vocab_size")
+    if vocab is not None:
+        vocab = _int(config, "embedding_size" if config.get("embedding_size") else "vocab_size", family)
     if vocab is None:
         raise ValueError(
             "config: missing required field 'vocab_size' (or 'embedding_size') for a LLaDA checkpoint"
@@ -243,9 +270,9 @@ def _from_llada(config: Mapping[str, Any]) -> ModelConfig:
         ffn_dim=ffn_dim,
         vocab_size=int(vocab),
         rope_theta=_rope_theta(config, family),
-        norm_eps=float(config.get("rms_norm_eps", 1e-5)),
-        mask_token_id=int(config.get("mask_token_id", LLADA_MASK_ID)),
-        max_positions=int(config.get("max_sequence_length", 4096)),
+        norm_eps=_float(config, "rms_norm_eps", 1e-5),
+        mask_token_id=_int(config, "mask_token_id", family, default=LLADA_MASK_ID, minimum=0),
+        max_positions=_int(config, "max_sequence_length", family, default=4096),
         qkv_bias=bool(config.get("include_qkv_bias", False)),
         o_bias=False,
         tie_embeddings=bool(config.get("weight_tying", False)),
@@ -259,20 +286,18 @@ def _optional_id(config: Mapping[str, Any], name: str) -> int | None:
     value = config.get(name)
     if isinstance(value, (list, tuple)):  # some configs list several EOS ids; the first is canonical
         value = value[0] if value else None
-    return None if value is None else int(value)
+    return _int({name: value}, name, "", default=None, minimum=0)
 
 
 def _from_qwen_llama(config: Mapping[str, Any], arch: str) -> ModelConfig:
     family = {"dream": "Dream", "llama": "Llama", "qwen2": "Qwen2"}[arch]
-    d_model = int(_require(config, "hidden_size", family))
-    n_heads = int(_require(config, "num_attention_heads", family))
-    n_layers = int(_require(config, "num_hidden_layers", family))
-    ffn_dim = int(_require(config, "intermediate_size", family))
-    vocab = int(_require(config, "vocab_size", family))
-    n_kv_heads = config.get("num_key_value_heads")
-    n_kv_heads = int(n_kv_heads) if n_kv_heads is not None else n_heads
-    head_dim = config.get("head_dim")
-    head_dim = int(head_dim) if head_dim is not None else d_model // n_heads
+    d_model = _int(config, "hidden_size", family)
+    n_heads = _int(config, "num_attention_heads", family)
+    n_layers = _int(config, "num_hidden_layers", family)
+    ffn_dim = _int(config, "intermediate_size", family)
+    vocab = _int(config, "vocab_size", family)
+    n_kv_heads = _int(config, "num_key_value_heads", family, default=n_heads)
+    head_dim = _int(config, "head_dim", family, default=d_model // n_heads)
     _reject(config, "hidden_act", lambda v: v != "silu", "only SiLU-gated MLPs")
     _reject(config, "use_sliding_window", True, "sliding-window attention")
     _reject(config, "mlp_bias", True, "MLP biases")
@@ -283,7 +308,7 @@ def _from_qwen_llama(config: Mapping[str, Any], arch: str) -> ModelConfig:
     else:
         qkv_bias, o_bias = True, False  # Qwen2 / Dream: q/k/v biases are hard-wired
     default_mask = DREAM_MASK_ID if arch == "dream" else None
-    mask_id = config.get("mask_token_id", default_mask)
+    mask_id = _int(config, "mask_token_id", family, default=default_mask, minimum=0)
     return ModelConfig(
         arch=arch,
         d_model=d_model,
@@ -294,9 +319,11 @@ def _from_qwen_llama(config: Mapping[str, Any], arch: str) -> ModelConfig:
         ffn_dim=ffn_dim,
         vocab_size=vocab,
         rope_theta=_rope_theta(config, family),
-        norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        mask_token_id=None if mask_id is None else int(mask_id),
-        max_positions=int(config.get("max_position_embeddings", 32768 if arch != "llama" else 2048)),
+        norm_eps=_float(config, "rms_norm_eps", 1e-6),
+        mask_token_id=mask_id,
+        max_positions=_int(
+            config, "max_position_embeddings", family, default=32768 if arch != "llama" else 2048
+        ),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),

@@ -142,11 +142,15 @@ class _Source:
     description: str
     share_storage: bool = False
 
+    def where(self, name: str) -> str:
+        """Where tensor ``name`` lives, for error messages."""
+        return self.description
+
     def config_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
-        """Every tensor name -> (shape, dtype or None when not a float type we load)."""
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None, str]]:
+        """Every tensor name -> (shape, dtype or None when not a float type we load, dtype name)."""
         raise NotImplementedError
 
     def shards(self) -> Iterator[tuple[list[str], Callable[[str], torch.Tensor]]]:
@@ -197,8 +201,13 @@ class _DirectorySource(_Source):
     def config_dict(self) -> dict[str, Any]:
         return self._config
 
+    def where(self, name: str) -> str:
+        file = self._origin.get(name)
+        return f"{self.description}, file {file!r}" if file else self.description
+
     def shapes(self):
         out = {}
+        self._origin: dict[str, str] = {}
         for file, listed in self._files.items():
             with self._safe_open(str(self.path / file), framework="pt", device="cpu") as handle:
                 present = set(handle.keys())
@@ -208,15 +217,26 @@ class _DirectorySource(_Source):
                     raise ValueError(
                         f"{self.description}: shard {file!r} lacks tensors its index lists: {_few(absent)}"
                     )
+                for name in present:
+                    # A name stored in two files would be loaded twice, the second copy silently
+                    # winning: refuse (the index maps each name to one file; check every file's keys).
+                    if name in self._origin:
+                        raise ValueError(
+                            f"{self.description}: tensor {name!r} is stored in two files, "
+                            f"{self._origin[name]!r} and {file!r}"
+                        )
+                    self._origin[name] = file
                 for name in names:
                     piece = handle.get_slice(name)
-                    out[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype()))
+                    raw = piece.get_dtype()
+                    out[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(raw), raw)
         return out
 
     def shards(self):
-        for file in self._files:
+        for file, listed in self._files.items():
             with self._safe_open(str(self.path / file), framework="pt", device="cpu") as handle:
-                yield list(handle.keys()), handle.get_tensor
+                # Only the names the index assigns to this file (all of them for a single file).
+                yield (list(handle.keys()) if listed is None else list(listed)), handle.get_tensor
 
     def default_dtype(self, first_tensor_dtype):
         name = self._config.get("torch_dtype") or self._config.get("dtype")
@@ -250,9 +270,10 @@ class _ModuleSource(_Source):
         return self._config
 
     def shapes(self):
-        return {
-            k: (tuple(v.shape), v.dtype if v.dtype in FLOAT_DTYPES else None) for k, v in self._state.items()
-        }
+        out = {}
+        for k, v in self._state.items():
+            out[k] = (tuple(v.shape), v.dtype if v.dtype in FLOAT_DTYPES else None, str(v.dtype)[6:])
+        return out
 
     def shards(self):
         yield list(self._state), self._state.__getitem__
@@ -278,7 +299,9 @@ def _as_dtype(dtype) -> torch.dtype | None:
 
 
 # --------------------------------------------------------------------------------------------
-def load_model(source, *, device=None, dtype: torch.dtype | str | None = None) -> DiffusionLM:
+def load_model(
+    source, *, device=None, dtype: torch.dtype | str | None = None, check_finite: bool = False
+) -> DiffusionLM:
     """Load a diffusion LM into the runtime layout.
 
     Args:
@@ -287,12 +310,20 @@ def load_model(source, *, device=None, dtype: torch.dtype | str | None = None) -
         device: where the weights go; default the CPU for a directory, the module's device for a module.
         dtype: float32 / float16 / bfloat16; default the checkpoint's (``torch_dtype`` / ``dtype`` in
             config.json, else the tensors' own), or the module's parameter dtype.
+        check_finite: verify that every loaded tensor (after the dtype conversion) is finite: a NaN
+            or inf weight otherwise shows up only as NaN confidences in ``generate()``.
 
     Raises:
-        ValueError: unsupported architecture or feature, missing config field, missing tensors (all
-            named, with the checkpoint), unexpected tensors, or a tensor of the wrong shape (named).
+        ValueError: unsupported architecture or feature, missing or malformed config field (named),
+            missing tensors (all named, with the checkpoint), unexpected tensors, a tensor of the wrong
+            shape or of a non-float dtype (int8 / float8 quantized weights are not dequantized), a
+            tensor stored in two files, a stored LM head that differs from the embedding under
+            weight tying, or (``check_finite``) a non-finite tensor; each names the tensor and file.
         FileNotFoundError: no config.json / safetensors weights in the directory.
+        TypeError: ``source`` is neither a path nor an HF module; ``check_finite`` is not a bool.
     """
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite: expected a bool, got {type(check_finite).__name__}")
     if isinstance(source, (str, os.PathLike)):
         src: _Source = _DirectorySource(Path(source))
     else:
@@ -313,24 +344,46 @@ def load_model(source, *, device=None, dtype: torch.dtype | str | None = None) -
             f"(arch {config.arch!r}), so loading would silently drop part of the model"
         )
     for e in entries:
-        shape = available[e.name][0]
+        shape, float_dtype, raw = available[e.name]
         if shape != e.shape:
-            raise ValueError(f"{src.description}: tensor {e.name!r} has shape {shape}, expected {e.shape}")
+            raise ValueError(f"{src.where(e.name)}: tensor {e.name!r} has shape {shape}, expected {e.shape}")
+        if float_dtype is None:
+            raise ValueError(
+                f"{src.where(e.name)}: tensor {e.name!r} has dtype {raw}, expected F32 / F16 / BF16 "
+                "(quantized int / float8 checkpoints are not supported: casting would change the weights)"
+            )
+    tied_heads = [n for n in unused if n in available and config.tie_embeddings]
+    for name in tied_heads:
+        if available[name][0] != (config.vocab_size, config.d_model) or available[name][1] is None:
+            raise ValueError(
+                f"{src.where(name)}: weight tying is on but the stored LM head {name!r} has shape "
+                f"{available[name][0]} and dtype {available[name][2]}, not the embedding's"
+            )
 
     embed_name = next(e.name for e in entries if e.dest == ("embed",))
     dtype = _as_dtype(dtype) or src.default_dtype(available[embed_name][1]) or torch.float32
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype: expected torch.float32/float16/bfloat16, got {dtype}")
-    device = src.default_device() if device is None else torch.device(device)
+    try:
+        device = src.default_device() if device is None else torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device: expected a torch device or a name like 'cpu' / 'cuda:0', got {device!r}"
+        ) from err
 
     by_name = {e.name: e for e in entries}
     tensors: dict[tuple, torch.Tensor] = {}
+    stored_heads: dict[str, torch.Tensor] = {}
     for names, get in src.shards():
         for name in names:
             entry = by_name.get(name)
             if entry is None:
+                if name in tied_heads:
+                    stored_heads[name] = get(name)  # compared with the embedding below
                 continue
             value = get(name)
+            if check_finite and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{src.where(name)}: tensor {name!r} has non-finite values (NaN or inf)")
             if entry.rows is not None:
                 if entry.dest not in tensors:
                     shape = _dest_shape(config, entry.dest)
@@ -340,8 +393,19 @@ def load_model(source, *, device=None, dtype: torch.dtype | str | None = None) -
                 converted = value.to(device=device, dtype=dtype)
                 if converted is value and not src.share_storage:
                     converted = value.clone()  # never keep a view of a memory-mapped file
+                if check_finite and not bool(torch.isfinite(converted).all()):
+                    raise ValueError(
+                        f"{src.where(name)}: tensor {name!r} overflows to inf in {dtype} (load in float32)"
+                    )
                 tensors[entry.dest] = converted
             del value
+    for name, head in stored_heads.items():
+        # Tied weights use the embedding as the head; a stored head that differs would be dropped.
+        if not torch.equal(head.to(device=device, dtype=dtype), tensors[("embed",)]):
+            raise ValueError(
+                f"{src.where(name)}: weight tying is on (config) but the stored LM head {name!r} differs "
+                "from the embedding; set the tying flag to false in config.json to use the stored head"
+            )
 
     layers = []
     for i in range(config.n_layers):

@@ -166,7 +166,7 @@ def sparse_attention(
     reads kv head ``h // (Hq // Hkv)``); key_padding (B, T) bool, True = padding (ignored).
     prob_rows (B, m) int indices into S: also return those rows' softmax probabilities
     (B, m, Hq, T) fp32. Returns ``(out (B, S, Hq, Dh) in q's dtype, probs or None)``.
-    A row whose keys are all padding gets zeros.
+    A row whose keys are all padding gets zeros; NaN anywhere else propagates (as in the kernel).
     """
     b, s, hq, dh = q.shape
     hkv = k_cache.shape[2]
@@ -178,7 +178,11 @@ def sparse_attention(
     logits = torch.einsum("bshd,bthd->bhst", q.float(), kf) * scale
     if key_padding is not None:
         logits = logits.masked_fill(key_padding[:, None, None, :], float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all-padding rows -> zeros
+    probs = torch.softmax(logits, dim=-1)
+    if key_padding is not None:
+        # Only rows whose keys are all padding (softmax of all -inf = NaN) become zeros; a NaN from
+        # the inputs must stay visible.
+        probs = probs.masked_fill(key_padding.all(-1)[:, None, None, None], 0.0)
     out = torch.einsum("bhst,bthd->bshd", probs, vf).to(q.dtype)
     sel = None
     if prob_rows is not None:
