@@ -24,15 +24,18 @@ points for models. So there are three ways in, all registering the same class un
 Model arguments (``--model_args key=value,...``):
 
 * ``pretrained``: checkpoint directory (LLaDA / Dream layout, see ``load_model``).
-* ``policy``: a registered policy name (``spacache_kernels.policies.POLICIES``); any further
-  argument the policy's constructor accepts (``max_update_ratio``, ``proxy_rank``, ``refresh_steps``,
-  ...) is passed to it.
+* ``policy``: any spelling ``generate()`` accepts: a registered name (``spacache_kernels.policies.
+  POLICIES``) or a name with a published preset (``spa:llada-8b``); any further argument the policy's
+  constructor accepts (``max_update_ratio``, ``proxy_rank``, ``refresh_steps``, ...) is passed to it.
 * ``gen_length``, ``steps`` (default = gen_length), ``block_length``, ``threshold`` / ``factor``,
   ``temperature``, ``seed`` (default: lm-eval's torch seed; each request samples with its own seed
   derived from it and the request, so repeats differ and batching never changes a sample),
   ``backend`` ("auto" | "triton" | "torch";
   default ``SPACACHE_BACKEND``, else auto), ``device``, ``dtype`` (default bfloat16
-  on CUDA, float32 on the CPU), ``batch_size``.
+  on CUDA, float32 on the CPU), ``batch_size`` (an integer; ``auto`` is rejected: there is nothing
+  cheap to probe). All of these are checked before the weights are loaded.
+* A context longer than ``max_positions - gen_length`` tokens is truncated from the left with a
+  warning (as lm-eval's HF model does).
 * ``tokenizer``: a tokenizer directory (default ``pretrained``). A directory with a
   ``char_tokenizer.json`` uses the tiny char tokenizer (:mod:`spacache_kernels.tiny_dlm`); anything else
   is loaded with ``transformers.AutoTokenizer`` (imported lazily), ``trust_remote_code`` passed on.
@@ -50,6 +53,7 @@ results through :meth:`SpaCacheLM.all_gather` / :meth:`SpaCacheLM.gather_object`
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 from pathlib import Path
@@ -61,9 +65,11 @@ from lm_eval.api.model import LM
 from spacache_kernels import _lm_eval_hook as _hook
 from spacache_kernels.generate import generate
 from spacache_kernels.models import load_model
+from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.policies import POLICIES, make_policy
 from spacache_kernels.tiny_dlm import CharTokenizer
 
+eval_logger = logging.getLogger("spacache_kernels.lm_eval_model")
 MODEL_NAME = "spacache"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # lm-eval passes these to every model; they are handled here, never forwarded to the policy.
@@ -94,6 +100,74 @@ class _HFTokenizer:
         return self.hf.decode(ids, skip_special_tokens=True)
 
 
+def _as_int(name: str, value) -> int:
+    """lm-eval passes model_args as parsed strings: accept ints and integral strings only."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return value
+
+
+def _as_float(name: str, value) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _batch_size(value) -> int:
+    if str(value).strip().lower().startswith("auto"):
+        raise ValueError(
+            f"batch_size: {value!r} is not supported (a diffusion LM's memory depends on gen_length and "
+            "the policy's caches, so there is nothing to probe cheaply); give an integer such as 16"
+        )
+    size = _as_int("batch_size", value)
+    if size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, got {size}")
+    return size
+
+
+def _validate_decoding(gen_length, steps, block_length, threshold, factor, temperature, backend) -> None:
+    """The checks of generate() that need no model, so that a typo fails before the weights load."""
+    for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
+        if value < 1:
+            raise ValueError(f"{name}: expected an integer >= 1, got {value}")
+    if gen_length % block_length:
+        raise ValueError(f"gen_length: expected a multiple of block_length={block_length}, got {gen_length}")
+    if steps % (gen_length // block_length):
+        raise ValueError(
+            f"steps: expected a multiple of the block count {gen_length // block_length}, got {steps}"
+        )
+    if threshold is not None and factor is not None:
+        raise ValueError("threshold / factor: give at most one unmasking rule")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
+    if factor is not None and not factor > 0:
+        raise ValueError(f"factor: expected a positive value, got {factor}")
+    if temperature is None or not temperature >= 0:
+        raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+
+
+def _check_policy(policy, policy_kwargs: dict) -> None:
+    """Any spelling generate() accepts ("spa", "spa:llada-8b", "fast-dllm-dual", ...); the other
+    model_args must be arguments of that policy."""
+    key = str(policy).partition(":")[0].strip().lower().replace("-", "_")
+    if key in POLICIES:
+        accepted = inspect.signature(POLICIES[key].__init__).parameters
+        unknown = sorted(k for k in policy_kwargs if k not in accepted)
+        if unknown:
+            raise ValueError(
+                f"model_args: {unknown} are neither wrapper arguments nor arguments of policy {key!r} "
+                f"(it accepts {sorted(k for k in accepted if k != 'self')})"
+            )
+    make_policy(str(policy), **policy_kwargs)  # unknown names and presets, bad values: named errors
+
+
 class SpaCacheLM(LM):
     """lm-eval model: ``generate_until`` through :func:`spacache_kernels.generate` (module docstring)."""
 
@@ -120,22 +194,23 @@ class SpaCacheLM(LM):
         super().__init__()
         for name in _HARNESS_ARGS:
             policy_kwargs.pop(name, None)
+        # Everything that can be checked without the weights is checked before loading them.
+        self.gen_length = _as_int("gen_length", gen_length)
+        self.steps = _as_int("steps", steps) if steps is not None else self.gen_length
+        self.block_length = _as_int("block_length", block_length)
+        self.threshold = _as_float("threshold", threshold)
+        self.factor = _as_float("factor", factor)
+        self.temperature = _as_float("temperature", temperature)
+        _validate_decoding(self.gen_length, self.steps, self.block_length, self.threshold, self.factor,
+                           self.temperature, backend)  # fmt: skip
+        self.batch_size = _batch_size(batch_size)
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+        _check_policy(policy, policy_kwargs)
         self._setup_distributed(device)
         if dtype is None:
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
-        key = str(policy).strip().lower().replace("-", "_")
-        if key not in POLICIES:
-            raise ValueError(f"policy: expected one of {sorted(POLICIES)}, got {policy!r}")
-        accepted = inspect.signature(POLICIES[key].__init__).parameters
-        unknown = sorted(k for k in policy_kwargs if k not in accepted)
-        if unknown:
-            raise ValueError(
-                f"model_args: {unknown} are neither wrapper arguments nor arguments of policy {key!r} "
-                f"(it accepts {sorted(k for k in accepted if k != 'self')})"
-            )
-        self.policy_name, self.policy_kwargs = key, dict(policy_kwargs)
+        self.policy_name, self.policy_kwargs = policy, dict(policy_kwargs)
         self.pretrained = str(pretrained)
         self.model = load_model(self.pretrained, device=self._device, dtype=_DTYPES[dtype])
         tok_dir = tokenizer or self.pretrained
@@ -150,17 +225,16 @@ class SpaCacheLM(LM):
         self.pad_token_id = next(
             (i for i in (cfg.pad_token_id, self.tok.pad_token_id, self.eos_token_id) if i is not None), 0
         )
-        self.gen_length = int(gen_length)
-        self.steps = int(steps) if steps is not None else self.gen_length
-        self.block_length = int(block_length)
-        self.threshold = None if threshold is None else float(threshold)
-        self.factor = None if factor is None else float(factor)
-        self.temperature = float(temperature)
+        self.max_context = cfg.max_positions - self.gen_length
+        if self.max_context < 1:
+            raise ValueError(
+                f"gen_length: expected fewer than the model's {cfg.max_positions} positions, "
+                f"got {self.gen_length}"
+            )
         self.backend = backend
         self.add_bos_token = bool(add_bos_token)
         # lm-eval seeds torch (--seed, third value) before it builds the model: derive from that.
         self.seed = int(seed) if seed is not None else torch.initial_seed()
-        self.batch_size = 1 if str(batch_size).startswith("auto") else int(batch_size)
         self.last_stats: list = []  # GenerationStats of every generate() call, for throughput reports
 
     # --------------------------------------------------------------------------------------------
@@ -227,6 +301,14 @@ class SpaCacheLM(LM):
             ids = [self.tok.hf.bos_token_id] + ids
         if not ids:
             raise ValueError("spacache: empty prompt after tokenization")
+        if len(ids) > self.max_context:
+            # As lm-eval's own HF model does: keep the end of the context (the question), drop its start.
+            eval_logger.warning(
+                "spacache: context of %d tokens exceeds the %d the model has room for next to gen_length=%d; "
+                "truncating it from the left",
+                len(ids), self.max_context, self.gen_length,
+            )  # fmt: skip
+            ids = ids[-self.max_context :]
         return ids
 
     def _decode(self, ids: list[int], until: list[str]) -> str:

@@ -262,3 +262,50 @@ def test_wrapper_repeats_differ_and_batching_keeps_samples(monkeypatch):
     assert SpaCacheLM(batch_size=4, **kw).generate_until(requests, disable_tqdm=True) == alone
     other_seed = SpaCacheLM(batch_size=1, **dict(kw, seed=4)).generate_until(requests, disable_tqdm=True)
     assert other_seed != alone
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gen_length=12, block_length=8), "gen_length: expected a multiple of block_length"),
+        (dict(steps=3, gen_length=16, block_length=8), "steps: expected a multiple"),
+        (dict(threshold=1.5), "threshold"),
+        (dict(temperature="hot"), "temperature: expected a number"),
+        (dict(backend="cuda"), "backend"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(batch_size="auto"), "batch_size: 'auto' is not supported"),
+        (dict(batch_size="auto:4"), "batch_size"),
+        (dict(policy="spa:no-such-preset"), "presets"),
+        (dict(policy="spa", proxy_rank=0), "proxy_rank"),
+        (dict(policy="spa", not_an_option=1), "not_an_option"),
+    ],
+)
+def test_wrapper_validates_arguments_before_loading(kwargs, match):
+    """A missing checkpoint would raise FileNotFoundError: the argument error must come first."""
+    from spacache_kernels.lm_eval_model import SpaCacheLM
+
+    with pytest.raises(ValueError, match=match):
+        SpaCacheLM(pretrained="/no/such/checkpoint", **kwargs)
+
+
+def test_wrapper_accepts_every_policy_spelling():
+    from spacache_kernels.lm_eval_model import SpaCacheLM
+
+    for policy in ("spa:llada-8b", "fast-dllm-dual", "dllm_cache:llada-instruct"):
+        lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy=policy, gen_length=8, steps=8, block_length=8,
+                        backend="torch")  # fmt: skip
+        assert lm.generate_until([_Request("12+34=")], disable_tqdm=True)[0].isdigit()
+
+
+def test_wrapper_truncates_a_long_context_from_the_left(caplog):
+    from spacache_kernels.lm_eval_model import SpaCacheLM
+
+    lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy="vanilla", gen_length=8, steps=8, block_length=8,
+                    backend="torch")  # fmt: skip
+    room = lm.model.config.max_positions - 8
+    long_context = "7" * (room + 50) + "+12="
+    with caplog.at_level("WARNING"):
+        out = lm.generate_until([_Request(long_context), _Request("12+34=")], disable_tqdm=True)
+    assert len(out) == 2 and all(isinstance(o, str) for o in out)
+    assert "truncating it from the left" in caplog.text
+    assert lm._encode(long_context) == lm.tok.encode(long_context)[-room:]
