@@ -1,4 +1,11 @@
-"""Command line: ``python -m spacache_kernels generate --model DIR --prompt-ids 1,2,3 --policy spa``."""
+"""Command line: ``python -m spacache_kernels generate --model DIR --prompt TEXT [--prompt TEXT ...]``.
+
+``--prompt`` is encoded with the checkpoint's tokenizer (``--tokenizer DIR`` to use another; the chat
+template of a transformers tokenizer is applied unless ``--no-chat-template``) and the answers are
+printed as text, one line per prompt. ``--prompt-ids 5,6,7`` takes token ids and prints ids. The
+generation statistics go to stderr as one JSON line. Mistakes (a bad argument, a missing checkpoint,
+a prompt containing the mask token) are reported the argparse way: usage, the message, exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -9,56 +16,93 @@ import sys
 
 def _ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--prompt-ids: expected integers, got {text!r}") from exc
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="python -m spacache_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="decode after one or more prompts given as token ids")
+    gen = sub.add_parser("generate", help="decode after one or more prompts (text or token ids)")
     gen.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
-    gen.add_argument("--prompt-ids", type=_ids, action="append", required=True,
-                     help="comma-separated token ids; repeat the flag for a batch")  # fmt: skip
-    gen.add_argument("--policy", default="spa")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="prompt text; repeat the flag for a batch")
+    prompts.add_argument("--prompt-ids", type=_ids, action="append",
+                         help="comma-separated token ids; repeat the flag for a batch")  # fmt: skip
+    gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    gen.add_argument("--no-chat-template", action="store_true",
+                     help="encode --prompt as plain text despite a chat template")  # fmt: skip
+    gen.add_argument("--policy", default="spa", help="a policy name or name:preset, e.g. spa:llada-8b")
     gen.add_argument("--gen-length", type=int, default=64)
     gen.add_argument("--steps", type=int, default=64)
     gen.add_argument("--block-length", type=int, default=8)
     gen.add_argument("--threshold", type=float, default=None)
     gen.add_argument("--factor", type=float, default=None)
     gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (used when --temperature > 0)")
     gen.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
                      help="default: $SPACACHE_BACKEND, else auto")  # fmt: skip
     gen.add_argument("--device", default=None)
-    gen.add_argument("--dtype", default=None, choices=[None, "float32", "float16", "bfloat16"])
+    gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--progress", action="store_true")
-    args = parser.parse_args(argv)
+    return parser, gen
 
+
+def _generate(args) -> int:
     import torch
 
     from spacache_kernels.generate import generate
     from spacache_kernels.models import load_model
+    from spacache_kernels.text import decode_rows, encode_prompts, load_tokenizer
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(args.model, device=args.device, dtype=dtype)
-    width = max(len(p) for p in args.prompt_ids)
-    ids = torch.zeros(len(args.prompt_ids), width, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(args.prompt_ids):  # left padding
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
+    cfg = model.config
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        ids_known = (cfg.pad_token_id, tokenizer.pad_token_id, cfg.eos_token_id)
+        pad = next((i for i in ids_known if i is not None), 0)
+        chat = False if args.no_chat_template else None
+        ids, mask = encode_prompts(tokenizer, args.prompt, chat_template=chat, pad_token_id=pad)
+    else:
+        width = max(len(p) for p in args.prompt_ids)
+        ids = torch.zeros(len(args.prompt_ids), width, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(args.prompt_ids):  # left padding
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+    eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     out = generate(
         model, ids, attention_mask=mask, gen_length=args.gen_length, steps=args.steps,
         block_length=args.block_length, policy=args.policy, threshold=args.threshold, factor=args.factor,
-        temperature=args.temperature, eos_token_id=model.config.eos_token_id, backend=args.backend,
+        temperature=args.temperature, eos_token_id=eos, backend=args.backend, seed=args.seed,
         progress=args.progress,
     )  # fmt: skip
-    for row in out.sequences[:, width:].tolist():
-        print(",".join(str(t) for t in row))
+    generated = out.sequences[:, ids.shape[1] :]
+    if tokenizer is not None:
+        for text in decode_rows(tokenizer, generated, eos):
+            print(text)
+    else:
+        for row in generated.tolist():
+            print(",".join(str(t) for t in row))
     stats = {k: v for k, v in vars(out.stats).items() if k != "layer_recomputed_tokens"}
     print(json.dumps(stats), file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, gen = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _generate(args)
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:
+        gen.error(str(err))  # usage + message on stderr, exit code 2: a user error, not a crash
+    return 2  # pragma: no cover - gen.error exits
 
 
 if __name__ == "__main__":

@@ -67,6 +67,7 @@ from spacache_kernels.generate import generate
 from spacache_kernels.models import load_model
 from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.policies import POLICIES, make_policy
+from spacache_kernels.text import HFTokenizer
 from spacache_kernels.tiny_dlm import CharTokenizer
 
 eval_logger = logging.getLogger("spacache_kernels.lm_eval_model")
@@ -76,28 +77,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _HARNESS_ARGS = ("max_batch_size", "max_length")
 
 
-class _HFTokenizer:
-    """The small surface of an HF tokenizer the wrapper uses, behind the same API as CharTokenizer."""
-
-    def __init__(self, path: str, trust_remote_code: bool):
-        from transformers import AutoTokenizer  # lazy: the char tokenizer needs no transformers
-
-        self.hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.name = str(path)
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.hf.eos_token_id
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.hf.pad_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self.hf(text, add_special_tokens=False)["input_ids"]
-
-    def decode(self, ids, *, stop_at_eos: bool = True) -> str:
-        return self.hf.decode(ids, skip_special_tokens=True)
+_HFTokenizer = HFTokenizer  # the transformers tokenizer wrapper lives in spacache_kernels.text
 
 
 def _as_int(name: str, value) -> int:
