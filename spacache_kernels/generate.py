@@ -23,6 +23,7 @@ step; threshold/factor mode reads one flag per step (whether the loop is done).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -44,9 +45,10 @@ class GenerationStats:
 
     steps: int = 0
     forwards: int = 0
-    generated_tokens: int = 0  # per row, up to (excluding) the first EOS; never prompt tokens
-    seconds: float = 0.0
-    tokens_per_second: float = 0.0
+    generated_tokens: int = 0  # summed over rows, up to (excluding) each row's first EOS; no prompt
+    seconds: float = 0.0  # the denoising loop only; setup is in setup_seconds
+    setup_seconds: float = 0.0  # policy.reset (e.g. SPA's SVD proxies on first use) + cache allocation
+    tokens_per_second: float = 0.0  # generated_tokens / seconds
     flops: int = 0
     flops_per_step: float = 0.0
     layer_recomputed_tokens: list[int] = field(default_factory=list)  # summed over steps and rows
@@ -221,6 +223,23 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
         raise ValueError(f"input_ids: the prompt contains the mask token id {model.mask_id}")
 
 
+def _release_policy(fn):
+    """Release a caller-owned policy instance when generate() returns or raises (its caches, the
+    runtime and the model would otherwise stay alive as long as the instance does)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            policy = kwargs.get("policy")
+            if isinstance(policy, CachePolicy):
+                policy.release()
+
+    return wrapper
+
+
+@_release_policy
 @torch.no_grad()
 def generate(
     model,
@@ -254,7 +273,8 @@ def generate(
             int tensor; give repeated prompts different seeds to get different samples). A row's
             noise depends on its seed, the step and the position only, so a prompt samples the same
             alone and in any batch, at any position. Low 32 bits are used.
-        eos_token_id: for statistics (generated tokens are counted up to the first EOS).
+        eos_token_id: for statistics (generated tokens are counted up to each row's first EOS);
+            default: the model's ``config.eos_token_id``.
         backend: "auto" | "triton" | "torch" for every op; None (default): ``SPACACHE_BACKEND``, else
             "auto".
         progress: show a tqdm bar over steps.
@@ -283,6 +303,9 @@ def generate(
     pad_fill = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     tokens[:, :prompt_len] = torch.where(attention_mask.bool(), input_ids, pad_fill)
 
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id  # EOS padding is not throughput
+    setup_start = time.perf_counter()
     num_blocks = gen_length // block_length
     fixed = threshold is None and factor is None
     unmasking = "fixed" if fixed else ("threshold" if threshold is not None else "factor")
@@ -300,6 +323,9 @@ def generate(
     # Blocks advance per row in threshold/factor mode unless the policy keys on shared block starts.
     lockstep = fixed or policy.lockstep_blocks
     stats = GenerationStats(policy=getattr(policy, "name", type(policy).__name__))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats.setup_seconds = time.perf_counter() - setup_start
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -166,3 +166,76 @@ def test_generate_rejects_a_non_model_and_load_model_a_bad_device(tmp_path):
     path = write_llada_checkpoint(tmp_path, n_layers=1)
     with pytest.raises(ValueError, match="device: expected a torch device"):
         load_model(path, device="gpu0")
+
+
+# --------------------------------------------------------------------------------------------
+# memory lifetime and honest throughput
+# --------------------------------------------------------------------------------------------
+def _policy_names():
+    from spacache_kernels.policies import POLICIES
+
+    return sorted(POLICIES)
+
+
+@pytest.mark.parametrize("name", _policy_names())
+def test_a_kept_policy_instance_does_not_keep_the_model_or_caches_alive(tmp_path, name):
+    import gc
+    import weakref
+
+    from spacache_kernels.policies import make_policy
+
+    model = load_model(
+        write_llada_checkpoint(tmp_path, n_layers=2, max_sequence_length=64), dtype=torch.float32
+    )
+    policy = make_policy(name)
+    out = generate(model, prompt(4, 0)[None], gen_length=16, steps=16, block_length=16, policy=policy,
+                   backend="torch")  # fmt: skip
+    assert out.stats.steps == 16
+    leftovers = [k for k, v in vars(policy).items() if isinstance(v, torch.Tensor) or v is model]
+    assert not leftovers, leftovers
+    dead = weakref.ref(model)
+    del model
+    gc.collect()
+    assert dead() is None, "the policy instance (or something it holds) still references the model"
+    # ... and it is still usable for another generation.
+    other = load_model(write_llada_checkpoint(tmp_path / "b", n_layers=2, max_sequence_length=64))
+    generate(
+        other, prompt(4, 0)[None], gen_length=16, steps=16, block_length=16, policy=policy, backend="torch"
+    )
+
+
+def test_a_failed_generation_releases_the_policy_too(llada):
+    from spacache_kernels.policies import SpaCache
+
+    policy = SpaCache()
+    with pytest.raises(ValueError, match="steps"):
+        generate(llada, prompt(4, 0)[None], gen_length=8, steps=3, block_length=8, policy=policy)
+    policy.reset(llada, _shape())  # reset attaches the model ...
+    assert getattr(policy, "model", None) is llada
+    policy.release()  # ... release detaches it
+    assert getattr(policy, "model", None) is None
+
+
+def _shape():
+    from spacache_kernels.policies import GenerationShape
+
+    return GenerationShape(1, 4, 8, torch.device("cpu"), "torch")
+
+
+def test_throughput_counts_tokens_up_to_the_models_eos_by_default(tmp_path):
+    """The EOS id defaults to the model's config: EOS padding is not counted as generated tokens,
+    and setup (policy.reset, SVD proxies) is reported apart from the loop's time."""
+    kw = dict(gen_length=16, steps=16, block_length=8, policy="spa", backend="torch")
+    ids = prompt(4, 0)[None].repeat(2, 1)
+    base = load_model(write_llada_checkpoint(tmp_path / "a", n_layers=2, max_sequence_length=64))
+    tokens = generate(base, ids, **kw).sequences[:, 4:]
+    eos = int(tokens[0, 5])  # a token that occurs: make it the EOS id of an otherwise equal model
+    model = load_model(
+        write_llada_checkpoint(tmp_path / "b", n_layers=2, max_sequence_length=64, eos_token_id=eos)
+    )
+    out = generate(model, ids, **kw)
+    assert torch.equal(out.sequences[:, 4:], tokens)
+    first = [row.tolist().index(eos) if eos in row.tolist() else 16 for row in tokens]
+    assert out.stats.generated_tokens == sum(first) < 32
+    assert out.stats.tokens_per_second == pytest.approx(out.stats.generated_tokens / out.stats.seconds)
+    assert out.stats.setup_seconds > 0

@@ -123,6 +123,7 @@ class CachePolicy:
 
     def reset(self, model, shape: GenerationShape) -> None:
         """Allocate per-generation state (called once at the start of every generate())."""
+        self._settings = set(vars(self)) | {"_settings"}  # what release() keeps
         self.shape = shape
         self.model = model
         self.runtime = None
@@ -171,8 +172,31 @@ class CachePolicy:
     def drop_rows(self, keep: torch.Tensor) -> None:
         """Forget finished batch rows: ``keep`` (B,) bool marks the rows that stay."""
 
+    def release(self) -> None:
+        """Drop everything one generation attached (model, runtime, caches, state); called by
+        generate() when it returns or fails, so a policy instance kept by the caller does not keep
+        gigabytes alive. The settings and small results (numbers, strings, lists of them, the
+        shape) stay readable."""
+        settings = getattr(self, "_settings", None)
+        if settings is None:
+            return
+        for name, value in list(vars(self).items()):
+            if name not in settings and not _is_small(value):
+                delattr(self, name)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _is_small(value) -> bool:
+    """Plain data that holds no tensor, model or runtime (kept by :meth:`CachePolicy.release`)."""
+    if value is None or isinstance(value, (bool, int, float, str, GenerationShape)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(v is None or isinstance(v, (bool, int, float, str)) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(v, (bool, int, float, str)) for v in value.values())
+    return False
 
 
 def check_positive_int(name: str, value) -> int:

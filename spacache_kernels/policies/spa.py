@@ -28,12 +28,51 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
+import tempfile
+import warnings
+import weakref
 
 import torch
 
-from spacache_kernels.ops.proxy import proxy_select, svd_proxy
+from spacache_kernels.ops.proxy import _resolve_rank, proxy_select, svd_proxy
 from spacache_kernels.policies.base import CachePolicy, GenerationShape, StepPlan, check_positive_int
 from spacache_kernels.policies.budget import ARCH_PRESET, PRESETS, update_ratios
+
+# model -> {key: proxies}: weak, so the proxies live exactly as long as the model they belong to.
+_PROXY_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _read_proxies(path: pathlib.Path, model, rank: int) -> list[torch.Tensor] | None:
+    """The stored proxies, or None when absent; a corrupt or mismatched file is warned about and
+    rebuilt (never trusted, never fatal)."""
+    if not path.exists():
+        return None
+    want = (model.config.d_model, rank)
+    try:
+        stored = torch.load(path, map_location=model.device, weights_only=True)
+        ok = isinstance(stored, list) and len(stored) == len(model.layers) - 1
+        ok = ok and all(isinstance(p, torch.Tensor) and tuple(p.shape) == want for p in stored)
+    except Exception as err:  # any unreadable file: rebuild
+        ok, stored = False, err
+    if not ok:
+        warnings.warn(f"SpaCache: proxy cache file {path} is corrupt or does not match the model; rebuilding",
+                      stacklevel=3)  # fmt: skip
+        return None
+    return [p.to(model.dtype) for p in stored]
+
+
+def _write_atomically(path: pathlib.Path, value) -> None:
+    """torch.save to a temporary file in the same directory, then rename: readers (another process
+    sharing the cache) never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(value, fh)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class SpaCache(CachePolicy):
@@ -48,7 +87,10 @@ class SpaCache(CachePolicy):
         sparse_kv: recompute K/V only for the selected tokens (not in the reference).
         preset: budget-curve preset name (``"auto"``: from the model's architecture).
         min_update_ratio: floor of the curve's shallow side.
-        cache_dir: directory where the SVD proxies are stored and reused across runs (optional).
+        cache_dir: directory where the SVD proxies are stored and reused across runs (optional; ``~``
+            is expanded; files are keyed by a digest of every value projection, written atomically,
+            and a corrupt one is rebuilt). In memory the proxies are computed once per model and
+            weights whatever ``cache_dir`` is.
         backend: backend of the proxy-selection op ("auto" | "triton" | "torch" | None).
     """
 
@@ -92,7 +134,8 @@ class SpaCache(CachePolicy):
         self.sparse_kv = bool(sparse_kv)
         self.preset = preset
         self.min_update_ratio = min_update_ratio
-        self.cache_dir = pathlib.Path(cache_dir) if cache_dir is not None else None
+        # expanduser: "~/x" is the home directory, not a folder named "~" in the working directory.
+        self.cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else None
         self.backend = backend
         # Validates the budget arguments now rather than at the first generate().
         update_ratios(
@@ -100,7 +143,6 @@ class SpaCache(CachePolicy):
             max_update_ratio=max_update_ratio, avg_update_ratio=avg_update_ratio,
             min_update_ratio=min_update_ratio, preset="llada-8b" if preset == "auto" else preset,
         )  # fmt: skip
-        self._proxy_memo: dict = {}
 
     # -- setup ---------------------------------------------------------------------------------
     def layer_ratios(self, model) -> list[float]:
@@ -112,35 +154,50 @@ class SpaCache(CachePolicy):
         return [float(r) for r in ratios]
 
     def proxies(self, model) -> list[torch.Tensor | None]:
-        """Per-layer proxy projections (d, r) in the model's dtype (layer 0: None, never used)."""
-        key = (id(model), model.device, model.dtype, self.proxy_rank)
-        if key not in self._proxy_memo:
-            self._proxy_memo = {key: self._load_or_build(model)}  # one model at a time
-        return self._proxy_memo[key]
+        """Per-layer proxy projections (d, r) in the model's dtype (layer 0: None, never used).
 
-    def _fingerprint(self, model) -> str:
-        h = hashlib.sha1(repr(model.config).encode())
-        h.update(str(self.proxy_rank).encode())
-        for layer in model.layers[1:2] + model.layers[-1:]:
-            h.update(repr(layer.w_v.float().flatten()[:64].tolist()).encode())
-        return h.hexdigest()[:16]
+        Computed once per model and weights (31 SVDs of 4096 x 4096 at LLaDA-8B): memoized on the
+        model object (weakly: they go with the model) under the rank, the device, the dtype and each
+        value projection's identity and in-place version counter, so any policy instance, any
+        generate() call and any lm-eval batch reuses them until the weights change.
+        """
+        rank = self._rank(model)
+        key = (rank, str(model.device), model.dtype,
+               tuple((layer.w_kv.data_ptr(), layer.w_kv._version) for layer in model.layers))  # fmt: skip
+        memo = _PROXY_MEMO.setdefault(model, {})
+        if key not in memo:
+            memo.clear()  # only the current weights' proxies are kept
+            memo[key] = self._load_or_build(model, rank)
+        return memo[key]
 
-    def _load_or_build(self, model) -> list[torch.Tensor | None]:
+    def _rank(self, model) -> int:
+        rank, (out_features, in_features) = self.proxy_rank, model.layers[0].w_v.shape
+        if isinstance(rank, float):
+            return _resolve_rank(rank, out_features, in_features)
+        # A rank at or above Wv's own rank gives an exact proxy (an isometry of the value vector), so
+        # clamping there changes nothing; it lets the reference default (128) run on small models.
+        return min(rank, out_features, in_features)
+
+    def _fingerprint(self, model, rank: int) -> str:
+        """A digest of everything the stored proxies depend on: the format, the rank, the dtype, the
+        config, and every byte of every value projection they are computed from."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"spa-proxy-v2|{rank}|{model.dtype}|{model.config!r}".encode())
+        for layer in model.layers[1:]:
+            w_v = layer.w_v.detach().contiguous().cpu()
+            h.update(w_v.view(torch.uint8).numpy().tobytes() if w_v.numel() else b"")
+        return h.hexdigest()
+
+    def _load_or_build(self, model, rank: int) -> list[torch.Tensor | None]:
         path = None
         if self.cache_dir is not None:
-            path = self.cache_dir / f"spa_proxy_{self._fingerprint(model)}.pt"
-            if path.exists():
-                stored = torch.load(path, map_location=model.device)
-                return [None] + [p.to(model.dtype) for p in stored]
-        rank = self.proxy_rank
-        if isinstance(rank, int):
-            # A rank at or above Wv's own rank gives an exact proxy (an isometry of the value vector),
-            # so clamping there changes nothing; it lets the reference default (128) run on small models.
-            rank = min(rank, min(model.layers[0].w_v.shape))
+            path = self.cache_dir / f"spa_proxy_{self._fingerprint(model, rank)}.pt"
+            stored = _read_proxies(path, model, rank)
+            if stored is not None:
+                return [None] + stored
         built = [svd_proxy(layer.w_v, rank, dtype=model.dtype) for layer in model.layers[1:]]
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save([p.cpu() for p in built], path)
+            _write_atomically(path, [p.cpu() for p in built])
         return [None] + built
 
     def reset(self, model, shape: GenerationShape) -> None:
