@@ -97,6 +97,74 @@ def fixed_commit(conf: torch.Tensor, masked: torch.Tensor, count: int) -> torch.
     return torch.zeros_like(masked).scatter_(1, top, True) & masked
 
 
+def fixed_commit_counts(conf: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, b) bool: per row the ``counts[row]`` (B,) most confident masked positions (no host sync)."""
+    key = _rank_key(conf, masked)
+    order = key.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.arange(key.shape[1], device=key.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
+    return (rank < counts.unsqueeze(1)) & masked
+
+
+def row_transfer_schedule(masked_in_block: torch.Tensor, steps_per_block: int) -> torch.Tensor:
+    """(B, s) tokens each row commits at each step of a block, from its masked count (B,) at the block
+    start (the reference's per-row ``get_num_transfer_tokens``; rows differ once early termination
+    has padded part of a block)."""
+    base = masked_in_block.unsqueeze(1) // steps_per_block
+    extra = masked_in_block.unsqueeze(1) % steps_per_block
+    return base + (torch.arange(steps_per_block, device=masked_in_block.device) < extra).long()
+
+
+def early_stop_pad(
+    tokens: torch.Tensor, prompt_len: int, stop_ids: torch.Tensor, pad_id: int
+) -> torch.Tensor:
+    """Early termination (SPA-Cache's ``spac/sequence.py``): overwrite everything after each row's first
+    stop token (EOS or pad) in the generated region with ``pad_id``, in place. Returns the (B, T) bool
+    mask of the positions that changed."""
+    gen = tokens[:, prompt_len:]
+    is_stop = torch.isin(gen, stop_ids)
+    after = torch.cat([torch.zeros_like(is_stop[:, :1]), is_stop[:, :-1]], dim=1).cummax(dim=1).values
+    changed = after & (gen != pad_id)
+    gen.masked_fill_(changed, pad_id)
+    return torch.cat([torch.zeros_like(tokens[:, :prompt_len], dtype=torch.bool), changed], dim=1)
+
+
+def first_masked_block(
+    tokens: torch.Tensor, prompt_len: int, mask_id: int, block_length: int
+) -> torch.Tensor:
+    """(B,) int64: the block of each row's first still-masked generated position (the block count
+    when none is left)."""
+    masked = tokens[:, prompt_len:] == mask_id
+    gen_len = masked.shape[1]
+    none_left = torch.full_like(masked[:, 0], gen_len, dtype=torch.long)
+    first = torch.where(masked.any(1), masked.long().argmax(1), none_left)
+    return first // block_length
+
+
+def _stop_tokens(model, eos_token_id) -> tuple[torch.Tensor, int]:
+    """The token ids that end a row for early termination (the given EOS, the config's EOS and pad)
+    and the id written after them (the config's pad, else the EOS)."""
+    cfg = model.config
+    ids = [i for i in (eos_token_id, cfg.eos_token_id, cfg.pad_token_id) if i is not None]
+    if not ids:
+        raise ValueError(
+            "early_stop_steps: early termination needs an EOS or pad token id; pass eos_token_id "
+            "(the model's config has neither)"
+        )
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else ids[0]
+    return torch.tensor(sorted(set(ids)), dtype=torch.int64, device=model.device), int(pad)
+
+
+def _early_stop_period(early_stop_steps, policy, block_length: int) -> int | None:
+    """generate()'s ``early_stop_steps``, else the policy's published one; ``"block"`` = block length."""
+    from spacache_kernels.policies.base import check_early_stop_steps
+
+    value = check_early_stop_steps(early_stop_steps)
+    if value is None:
+        value = getattr(policy, "early_stop_steps", None)
+    return block_length if value == "block" else value
+
+
 def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -171,6 +239,7 @@ def generate(
     factor: float | None = None,
     temperature: float = 0.0,
     eos_token_id: int | None = None,
+    early_stop_steps: int | str | None = None,
     backend: str | None = "auto",
     seed: int = 0,
     progress: bool = False,
@@ -187,11 +256,22 @@ def generate(
         threshold / factor: unmasking rule (default: fixed count per step).
         temperature: 0 = greedy; > 0 = Gumbel-max sampling (reproducible through ``seed``).
         eos_token_id: for statistics (generated tokens are counted up to the first EOS).
+        early_stop_steps: early termination (SPA-Cache's published runs): every that many steps,
+            everything after a row's first EOS / pad (``eos_token_id`` and the config's EOS and pad
+            ids) is overwritten with pad, a block with no mask left in any row skips its remaining
+            steps, and a row with no mask left leaves the batch; under the fixed-count rule each row
+            then commits its own block's masked count over the block's steps. An int, ``"block"``
+            (the block length), or None: the policy's ``early_stop_steps`` (its presets set the
+            published value; default off). ``stats.steps`` counts the steps actually run.
         backend: "auto" | "triton" | "torch" | None (``SPACACHE_BACKEND``) for every op.
         progress: show a tqdm bar over steps.
 
     Returns:
         GenerationOutput(sequences (B, P + G) int64, stats).
+
+    Deliberate deviation from every reference: the mask token is never predicted (the references take
+    the argmax over the whole vocabulary and can "commit" the mask id, which leaves the position
+    masked; d2Cache's vanilla loop can then spin forever).
     """
     _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
               temperature, backend)  # fmt: skip
@@ -210,6 +290,8 @@ def generate(
     tokens[:, :prompt_len] = torch.where(attention_mask.bool(), input_ids, pad_fill)
 
     num_blocks = gen_length // block_length
+    early = _early_stop_period(early_stop_steps, policy, block_length)
+    stop_ids, stop_pad = _stop_tokens(model, eos_token_id) if early else (None, None)
     fixed = threshold is None and factor is None
     unmasking = "fixed" if fixed else ("threshold" if threshold is not None else "factor")
     policy.reset(
@@ -240,8 +322,23 @@ def generate(
     schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
     block_index, step_in_block = 0, 0  # host-side, meaningful in lockstep mode
     committed = None
+    row_counts = None  # (B, steps per block): fixed-count schedule per row under early termination
     while True:
-        if fixed:
+        if fixed and early:
+            if step_in_block >= len(schedule):  # the block's steps are used up
+                block_index, step_in_block = block_index + 1, 0
+            # Skip every block no row has a mask left in (one host read per step).
+            target = int(first_masked_block(tokens, prompt_len, mask_id, block_length).min())
+            if target > block_index:
+                block_index, step_in_block = target, 0
+            if block_index >= num_blocks:
+                break
+            if step_in_block == 0:
+                lo = prompt_len + block_index * block_length
+                block_masked = (tokens[:, lo : lo + block_length] == mask_id).sum(1)
+                row_counts = row_transfer_schedule(block_masked, len(schedule))
+            block_of_row.fill_(block_index)
+        elif fixed:
             if step >= steps:
                 break
             block_index, step_in_block = divmod(step, len(schedule))
@@ -260,7 +357,9 @@ def generate(
         token, conf = runtime.decide(positions, temperature=float(temperature), seed=seed * 1_000_003 + step)
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
-        if fixed:
+        if fixed and early:
+            commit = fixed_commit_counts(conf, masked, row_counts[:, step_in_block])
+        elif fixed:
             commit = fixed_commit(conf, masked, schedule[step % len(schedule)])
         elif threshold is not None:
             commit = threshold_commit(conf, masked, threshold)
@@ -268,6 +367,9 @@ def generate(
             commit = factor_commit(conf, masked, factor)
         tokens.scatter_(1, positions, torch.where(commit, token, current))
         committed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, positions, commit)
+        if early and (step + 1) % early == 0:
+            # Padded positions changed token, so the policy sees them as committed.
+            committed |= early_stop_pad(tokens, prompt_len, stop_ids, stop_pad)
         policy.end_step(
             DecodeState(
                 step=step, tokens=tokens, block_start=block_start, block_length=block_length,
@@ -279,16 +381,27 @@ def generate(
         step_in_block += 1
         if bar is not None:
             bar.update(1)
-        if fixed:
+        if fixed and not early:
             continue
-        # Threshold/factor: rows advance to their next block, finished rows leave the batch.
-        block_done = ~((torch.gather(tokens, 1, positions) == mask_id).any(1))
-        if lockstep:
-            all_done = bool(block_done.all())  # the one host read per step in lockstep mode
-            block_done = block_done.new_full(block_done.shape, all_done)
-            if all_done:
-                block_index, step_in_block = block_index + 1, 0
-        block_of_row += block_done.long()
+        if early:
+            # A row's next block is its first with a mask left (padding may have emptied several).
+            nxt = first_masked_block(tokens, prompt_len, mask_id, block_length)
+            if lockstep and not fixed:
+                moved = int(nxt.min())  # the one host read per step in lockstep mode
+                if moved > block_index:
+                    block_index, step_in_block = moved, 0
+                block_of_row = torch.where(nxt >= num_blocks, nxt, torch.full_like(nxt, block_index))
+            else:
+                block_of_row = nxt
+        else:
+            # Threshold/factor: rows advance to their next block, finished rows leave the batch.
+            block_done = ~((torch.gather(tokens, 1, positions) == mask_id).any(1))
+            if lockstep:
+                all_done = bool(block_done.all())  # the one host read per step in lockstep mode
+                block_done = block_done.new_full(block_done.shape, all_done)
+                if all_done:
+                    block_index, step_in_block = block_index + 1, 0
+            block_of_row += block_done.long()
         finished = block_of_row >= num_blocks
         if bool(finished.any()):  # the one host read per step in this mode
             output[row_ids[finished]] = tokens[finished]
@@ -299,8 +412,7 @@ def generate(
             committed = committed[keep] if committed is not None else None
             runtime.drop_rows(keep)
             policy.drop_rows(keep)
-    if fixed:
-        output = tokens
+    output[row_ids] = tokens  # the rows still in the batch (finished ones were written as they left)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start_time
@@ -308,8 +420,8 @@ def generate(
         bar.close()
 
     gen = output[:, prompt_len:]
-    if eos_token_id is not None:
-        is_eos = gen == eos_token_id
+    if early or eos_token_id is not None:
+        is_eos = torch.isin(gen, stop_ids) if early else gen == eos_token_id
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(gen[:, 0], gen_length))
         stats.generated_tokens = int(first.sum())
     else:

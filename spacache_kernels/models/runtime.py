@@ -76,6 +76,7 @@ class DenoiseRuntime:
         self.fresh = torch.zeros(batch, total, dtype=torch.bool, device=dev)
         self.layer_values = None  # V of the live rows while select() runs (dense-V plans)
         self.expanded = False  # whether the latest step switched to full recomputation mid-way
+        self.last_plan: StepPlan | None = None  # the plan of the latest step (decide() reads it)
         self.layer_rows = np.zeros(cfg.n_layers, dtype=np.int64)  # recomputed rows per layer (per row)
         self.flops = 0
         policy.attach(self)
@@ -145,6 +146,7 @@ class DenoiseRuntime:
         """Run one denoising step over ``tokens`` (B, T); updates caches and ``self.hidden``."""
         model, cfg, backend, policy = self.model, self.model.config, self.backend, self.policy
         lo, hi, rows = self._live(plan)
+        self.last_plan = plan
         prompt_len = self.prompt_len
         if rows is None:
             x = model.embed_tokens(tokens[:, lo:hi])  # (B, R, d)
@@ -265,10 +267,13 @@ class DenoiseRuntime:
         """Predicted token and confidence at ``positions`` (B, m) of the last computed hidden states.
 
         Dream-style models (``config.shift_logits``) read the hidden state one position earlier, so
-        the result always means "the prediction for token ``positions``".
+        the result always means "the prediction for token ``positions``". A plan with
+        ``first_gen_own_logit`` reads generated token 0 (position ``P``) from its own position.
         """
         model, cfg = self.model, self.model.config
         src = positions - 1 if cfg.shift_logits else positions
+        if cfg.shift_logits and self.last_plan is not None and self.last_plan.first_gen_own_logit:
+            src = torch.where(positions == self.prompt_len, positions, src)
         rows = torch.gather(self.hidden, 1, src.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
         normed = rms_norm(rows, model.final_norm, cfg.norm_eps, backend=self.backend)
         self.flops += 2 * rows.shape[0] * rows.shape[1] * cfg.d_model * model.lm_head.shape[0]

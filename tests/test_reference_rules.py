@@ -1,0 +1,203 @@
+"""The authors' rules (issue 12), each on a hand-built state with an exact expected result.
+
+SPA-Cache: published presets, warm-up, early termination, Dream's first generated logit.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from spacache_kernels.generate import (
+    early_stop_pad,
+    first_masked_block,
+    fixed_commit_counts,
+    generate,
+    row_transfer_schedule,
+)
+from spacache_kernels.models import load_model
+from spacache_kernels.models.runtime import DenoiseRuntime
+from spacache_kernels.policies import GenerationShape, SpaCache, StepPlan, make_policy, update_ratios
+from spacache_kernels.policies.spa import PUBLISHED, PUBLISHED_RUNS
+from tests.models.checkpoints import write_dream_checkpoint, write_llada_checkpoint
+
+N_LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def llada(tmp_path_factory):
+    path = write_llada_checkpoint(tmp_path_factory.mktemp("llada"), n_layers=N_LAYERS, max_sequence_length=64)
+    return load_model(path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory):
+    path = write_dream_checkpoint(tmp_path_factory.mktemp("dream"), num_hidden_layers=N_LAYERS)
+    return load_model(path, dtype=torch.float32)
+
+
+def prompts(batch: int, length: int = 6, seed: int = 0, vocab: int = 100) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+# -- item 1, 2: published presets ---------------------------------------------------------------
+
+
+def test_llada_gsm8k_preset_is_the_published_run():
+    spa = make_policy("spa:llada-8b-gsm8k")
+    assert (spa.proxy_rank, spa.max_update_ratio, spa.min_update_ratio) == (128, 0.25, 2**-4)
+    assert (spa.refresh_steps, spa.refresh_gen_steps, spa.cache_warmup_steps) == (50, 7, 0)
+    assert spa.early_stop_steps == "block"
+    assert make_policy("spa:llada-8b").min_update_ratio == 2**-4
+    # At G = 256 the floor 2^-4 gives LLaDA-8B's shallow layers 1-4 exactly 16 tokens (2^-5: 9-14).
+    floor = spa.min_update_ratio
+    ratios = update_ratios(32, max_update_ratio=0.25, min_update_ratio=floor, preset="llada-8b")
+    assert [int(r * 256) for r in ratios[1:5]] == [16, 16, 16, 16]
+    old = update_ratios(32, max_update_ratio=0.25, min_update_ratio=2**-5, preset="llada-8b")
+    assert [int(r * 256) for r in old[1:5]] != [16, 16, 16, 16]
+
+
+def test_dream_gsm8k_preset_is_the_published_run():
+    spa = make_policy("spa:dream-7b-gsm8k")
+    assert (spa.proxy_rank, spa.max_update_ratio, spa.min_update_ratio) == (32, 0.25, 0.125)
+    assert (spa.refresh_steps, spa.refresh_gen_steps) == (25, 2)
+    assert (spa.cache_warmup_steps, spa.early_stop_steps, spa.preset) == (1, 1, "dream-7b")
+    assert PUBLISHED["dream-7b"] == PUBLISHED["dream-7b-gsm8k"]
+    run = PUBLISHED_RUNS["dream-7b-gsm8k"]
+    assert run["script"] == "scripts/dream/eval_gsm8k.sh"
+    assert run["generate"] == {"gen_length": 256, "steps": 256, "block_length": 256, "temperature": 0.2}
+
+
+def test_every_published_run_is_a_preset_and_listed_in_the_readme():
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    assert len(PUBLISHED_RUNS) == 14
+    for name, run in PUBLISHED_RUNS.items():
+        assert name in PUBLISHED
+        assert f"spa:{name}" in readme and run["script"] in readme, name
+        make_policy(f"spa:{name}")  # constructible
+
+
+def _fake_reset(policy, shift: bool, prompt_len: int = 5, gen_len: int = 8):
+    policy.model = SimpleNamespace(config=SimpleNamespace(shift_logits=shift))
+    policy.shape = GenerationShape(1, prompt_len, gen_len, torch.device("cpu"))
+
+
+def test_warmup_steps_are_full_refreshes():
+    spa = SpaCache(refresh_steps=25, refresh_gen_steps=2, cache_warmup_steps=1)
+    _fake_reset(spa, shift=False)
+    kinds = [spa.plan(n).kind for n in (0, 1, 2, 3, 4, 24, 25, 26, 27)]
+    assert kinds == ["full", "full", "gen", "partial", "gen", "gen", "full", "gen", "partial"]
+    no_warmup = SpaCache(refresh_steps=25, refresh_gen_steps=2)
+    _fake_reset(no_warmup, shift=False)
+    assert no_warmup.plan(1).kind == "partial"
+
+
+# -- item 3: early termination ------------------------------------------------------------------
+
+
+def test_early_stop_pad_overwrites_after_the_first_stop_token():
+    M, E, PAD = 9, 7, 8  # mask, EOS, pad
+    tokens = torch.tensor(
+        [
+            [1, 2, 3, E, M, 4, E, M],  # first stop at gen 1 (E): everything after becomes pad
+            [1, 2, M, M, M, M, M, M],  # no stop: untouched
+            [1, 2, 3, 4, 5, PAD, M, 6],  # pad is a stop id too
+        ]
+    )
+    changed = early_stop_pad(tokens, 2, torch.tensor([E, PAD]), PAD)
+    assert tokens.tolist() == [
+        [1, 2, 3, E, PAD, PAD, PAD, PAD],
+        [1, 2, M, M, M, M, M, M],
+        [1, 2, 3, 4, 5, PAD, PAD, PAD],
+    ]
+    assert changed.tolist() == [
+        [False, False, False, False, True, True, True, True],
+        [False] * 8,
+        [False, False, False, False, False, False, True, True],
+    ]
+
+
+def test_per_row_schedule_and_first_masked_block():
+    assert row_transfer_schedule(torch.tensor([8, 5, 0]), 4).tolist() == [[2, 2, 2, 2], [2, 1, 1, 1], [0] * 4]
+    conf = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.8, 0.6]])
+    masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    got = fixed_commit_counts(conf, masked, torch.tensor([2, 1]))
+    assert got.tolist() == [[False, True, True, False], [False, False, True, False]]
+    M = 9
+    tokens = torch.tensor([[0, 1, 2, M, M, M, M], [0, 1, 2, 3, 4, 5, 6], [0, M, 2, 3, M, 5, 6]])
+    assert first_masked_block(tokens, 1, M, 2).tolist() == [1, 3, 0]  # 3 = the block count: done
+
+
+def test_early_termination_pads_skips_blocks_and_counts_steps(llada):
+    ids = prompts(2, seed=11)
+    kw = dict(gen_length=16, steps=16, block_length=8, policy="vanilla", backend="torch")
+    plain = generate(llada, ids, **kw).sequences
+    # Make the token vanilla decodes at row 0, generated position 2 (block 0) the EOS: the decoding
+    # of block 0 is unchanged, then (early stop every block) row 0 is padded after its first EOS and
+    # leaves the batch; block 1 is decoded for row 1 only.
+    eos = int(plain[0, 6 + 2])
+    pad = llada.config.pad_token_id  # also a stop token
+    first = int(torch.isin(plain[0, 6:], torch.tensor([eos, pad])).nonzero()[0])
+    out = generate(llada, ids, eos_token_id=eos, early_stop_steps="block", **kw)
+    want0 = torch.cat([plain[0, : 6 + first + 1], torch.full((16 - first - 1,), pad)])
+    assert torch.equal(out.sequences[0], want0)
+    alone = generate(llada, ids[:1], eos_token_id=eos, early_stop_steps=8, **kw)
+    assert torch.equal(alone.sequences[0], want0)
+    assert alone.stats.steps == 8  # block 1 had no mask left: skipped
+    assert alone.stats.generated_tokens == first  # up to the first stop token
+    # The published presets switch it on (block length for LLaDA).
+    spa = make_policy("spa:llada-8b-gsm8k", budget=[1.0] * N_LAYERS, refresh_steps=1)
+    with_preset = generate(llada, ids[:1], eos_token_id=eos, **{**kw, "policy": spa})
+    assert torch.equal(with_preset.sequences[0], want0) and with_preset.stats.steps == 8
+
+
+def test_bad_early_stop_steps(llada):
+    with pytest.raises(ValueError, match="early_stop_steps"):
+        generate(llada, prompts(1), gen_length=8, steps=8, block_length=8, early_stop_steps=0)
+
+
+# -- item 4: Dream, the first generated token between full refreshes -----------------------------
+
+
+@pytest.mark.parametrize("rule", ["own", "prompt_end"])
+def test_dream_first_generated_logit_between_full_refreshes(dream, rule):
+    ids = prompts(2, seed=12)
+    batch, plen, glen = 2, 6, 8
+    tokens = torch.cat([ids, torch.full((batch, glen), dream.mask_id)], dim=1)
+    tokens[:, plen + 3] = 5  # some decoded token
+    spa = SpaCache(budget=[1.0] * N_LAYERS, refresh_steps=100, refresh_gen_steps=1, first_gen_logit=rule)
+    spa.reset(dream, GenerationShape(batch, plen, glen, dream.device, "torch", block_length=glen))
+    runtime = DenoiseRuntime(dream, torch.ones_like(tokens), plen, spa, "torch")
+    runtime.step(tokens, spa.plan(0))
+    plan = spa.plan(1)
+    assert plan.kind == "gen"
+    assert plan.first_gen_own_logit == (rule == "own")
+    assert plan.region == ("gen" if rule == "own" else (plen - 1, plen + glen))
+    runtime.step(tokens, plan)
+    positions = torch.arange(plen, plen + glen).expand(batch, -1)
+    token, conf = runtime.decide(positions)
+    dense = dream.forward_dense(tokens)  # the token at i is predicted by the network at i - 1
+    # "own": token P from the network's output at P itself (= the dense prediction for P + 1);
+    # "prompt_end": from the freshly recomputed P - 1 (= the dense prediction for P).
+    source = dense[:, plen + 1] if rule == "own" else dense[:, plen]
+    want = source.index_fill(-1, torch.tensor([dream.mask_id]), -float("inf")).argmax(-1)
+    assert torch.equal(token[:, 0], want)
+    want_conf = torch.softmax(source, -1).gather(-1, want[:, None])[:, 0]
+    torch.testing.assert_close(conf[:, 0].float(), want_conf, atol=1e-5, rtol=1e-5)
+    # The other positions read P + j - 1 as always.
+    rest = dense[:, plen + 1 :].index_fill(-1, torch.tensor([dream.mask_id]), -float("inf")).argmax(-1)
+    assert torch.equal(token[:, 1:], rest)
+
+
+def test_bad_spa_reference_options():
+    with pytest.raises(ValueError, match="first_gen_logit"):
+        SpaCache(first_gen_logit="previous")
+    with pytest.raises(ValueError, match="cache_warmup_steps"):
+        SpaCache(cache_warmup_steps=-1)
+    with pytest.raises(ValueError, match="early_stop_steps"):
+        SpaCache(early_stop_steps=0)
+    assert StepPlan(region="gen", kind="x").first_gen_own_logit is False
