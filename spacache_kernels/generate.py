@@ -141,6 +141,16 @@ def first_masked_block(
     return first // block_length
 
 
+def _with_forced(forced, conf, masked, fixed, row_counts, schedule, step_in_block) -> torch.Tensor:
+    """A step whose policy forces ``forced`` (B, b): threshold / factor commit exactly those; the
+    fixed-count rule commits them plus the rest of the step's count by confidence."""
+    if not fixed:
+        return forced
+    count = row_counts[:, step_in_block] if row_counts is not None else schedule[step_in_block]
+    rest = torch.as_tensor(count, device=masked.device) - forced.sum(1)
+    return forced | fixed_commit_counts(conf, masked & ~forced, rest.clamp_min(0))
+
+
 def _stop_tokens(model, eos_token_id) -> tuple[torch.Tensor, int]:
     """The token ids that end a row for early termination (the given EOS, the config's EOS and pad)
     and the id written after them (the config's pad, else the EOS)."""
@@ -357,7 +367,10 @@ def generate(
         token, conf = runtime.decide(positions, temperature=float(temperature), seed=seed * 1_000_003 + step)
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
-        if fixed and early:
+        forced = policy.forced_commit(state)
+        if forced is not None:
+            commit = _with_forced(forced & masked, conf, masked, fixed, row_counts, schedule, step_in_block)
+        elif fixed and early:
             commit = fixed_commit_counts(conf, masked, row_counts[:, step_in_block])
         elif fixed:
             commit = fixed_commit(conf, masked, schedule[step % len(schedule)])

@@ -201,3 +201,84 @@ def test_bad_spa_reference_options():
     with pytest.raises(ValueError, match="early_stop_steps"):
         SpaCache(early_stop_steps=0)
     assert StepPlan(region="gen", kind="x").first_gen_own_logit is False
+
+
+# -- item 6: Fast-dLLM on Dream commits the block's first token at the block start ----------------
+
+
+def _recording(cls):
+    class Recording(cls):
+        def reset(self, model, shape):
+            super().reset(model, shape)
+            self.log = []
+
+        def begin_step(self, state):
+            super().begin_step(state)
+            self._before = state.tokens.clone()
+
+        def end_step(self, state):
+            entry = (state.step_in_block, int(state.block_start[0]), self._before, state.committed.clone())
+            self.log.append(entry)
+
+    return Recording
+
+
+def _dense_choice(model, tokens, lo, hi):
+    """Token and confidence the full forward gives each position of [lo, hi) (mask never predicted)."""
+    logits = model.forward_dense(tokens)[:, lo:hi]
+    token = logits.index_fill(-1, torch.tensor([model.mask_id]), -float("inf")).argmax(-1)
+    return token, torch.softmax(logits, -1).gather(-1, token[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("name", ["fast_dllm_prefix", "fast_dllm_dual"])
+@pytest.mark.parametrize("rule", ["first_token", "rule"])
+def test_fast_dllm_dream_block_start_commit(dream, name, rule):
+    from spacache_kernels.policies import POLICIES
+
+    policy = _recording(POLICIES[name])(dream_block_start=rule)
+    ids = prompts(2, seed=13)
+    kw = dict(gen_length=8, steps=8, block_length=4, threshold=1.0, backend="torch")
+    out = generate(dream, ids, policy=policy, **kw)
+    assert not (out.sequences == dream.mask_id).any()
+    starts = [entry for entry in policy.log if entry[0] == 0]
+    assert len(starts) == 2  # one per block
+    best_elsewhere = 0
+    for _, lo, before, committed in starts:
+        token, conf = _dense_choice(dream, before, lo, lo + 4)
+        masked = before[:, lo : lo + 4] == dream.mask_id
+        if rule == "first_token":
+            want = torch.zeros_like(masked)
+            want[:, 0] = True  # unconditionally, whatever its confidence
+        else:
+            best = torch.where(masked, conf, -float("inf")).argmax(1)
+            want = torch.zeros_like(masked).scatter_(1, best[:, None], True)
+        assert torch.equal(committed[:, lo : lo + 4], want)
+        assert not committed[:, :lo].any() and not committed[:, lo + 4 :].any()
+        assert torch.equal(out.sequences[:, lo][want[:, 0]], token[:, 0][want[:, 0]])
+        best_elsewhere += int((torch.where(masked, conf, -float("inf")).argmax(1) != 0).sum())
+    assert best_elsewhere > 0  # on these inputs the two rules differ at some block start
+
+
+def test_fast_dllm_dream_forced_first_token_under_fixed_count(dream):
+    from spacache_kernels.policies import FastDLLMPrefix
+
+    policy = _recording(FastDLLMPrefix)()
+    ids = prompts(1, seed=14)
+    generate(dream, ids, gen_length=8, steps=4, block_length=4, policy=policy, backend="torch")
+    for step_in_block, lo, before, committed in policy.log:
+        assert int(committed.sum()) == 2  # the fixed count (4 tokens over 2 steps) is kept
+        if step_in_block == 0:
+            token, conf = _dense_choice(dream, before, lo, lo + 4)
+            other = 1 + int(conf[0, 1:].argmax())  # the first token, plus the best of the others
+            assert committed[0, lo] and committed[0, lo + other]
+
+
+def test_fast_dllm_llada_has_no_forced_commit(llada):
+    from spacache_kernels.policies import FastDLLMDual
+
+    policy = FastDLLMDual()
+    policy.reset(llada, GenerationShape(1, 4, 8, llada.device))
+    state = SimpleNamespace(step_in_block=0, tokens=torch.zeros(1, 12, dtype=torch.long), block_length=4)
+    assert policy.forced_commit(state) is None
+    with pytest.raises(ValueError, match="dream_block_start"):
+        FastDLLMDual(dream_block_start="x")

@@ -172,6 +172,14 @@ class CachePolicy:
         """True: every layer deeper than ``layer`` recomputes all positions in this step."""
         return False
 
+    def forced_commit(self, state: DecodeState) -> torch.Tensor | None:
+        """(B, block_length) bool: block positions this step commits unconditionally, or None.
+
+        When given, a threshold / factor step commits exactly these (still-masked) positions; a
+        fixed-count step commits them plus its remaining count by confidence.
+        """
+        return None
+
     def end_step(self, state: DecodeState) -> None:
         """Called after the step's commit; ``state.tokens`` / ``state.committed`` are post-commit."""
 
