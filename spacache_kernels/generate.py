@@ -31,6 +31,7 @@ from spacache_kernels.models.runtime import DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
 from spacache_kernels.policies.base import DecodeState
+from spacache_kernels.policies.d2cache import canvas_density
 
 
 @dataclass
@@ -184,7 +185,7 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
 
 
 def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend):  # fmt: skip
+              temperature, backend, certainty_prior=None):  # fmt: skip
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -214,6 +215,9 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
         raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
     if factor is not None and not factor > 0:
         raise ValueError(f"factor: expected a positive value, got {factor}")
+    sigma = certainty_prior
+    if sigma is not None and (type(sigma) not in (int, float) or sigma <= 0):
+        raise ValueError(f"certainty_prior: expected a positive sigma or None, got {certainty_prior!r}")
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if backend is not None and backend not in BACKENDS:
@@ -250,6 +254,7 @@ def generate(
     temperature: float = 0.0,
     eos_token_id: int | None = None,
     early_stop_steps: int | str | None = None,
+    certainty_prior: float | None = None,
     backend: str | None = "auto",
     seed: int = 0,
     progress: bool = False,
@@ -273,6 +278,10 @@ def generate(
             then commits its own block's masked count over the block's steps. An int, ``"block"``
             (the block length), or None: the policy's ``early_stop_steps`` (its presets set the
             published value; default off). ``stats.steps`` counts the steps actually run.
+        certainty_prior: d2Cache's published decoding ("certainty prior", sigma 10): every rule ranks
+            (and thresholds) confidence times the certainty density of the decoded positions
+            around each token, computed as d2Cache's reference does (``policies.d2cache.
+            canvas_density`` over the generated region before the step); None: plain confidence.
         backend: "auto" | "triton" | "torch" | None (``SPACACHE_BACKEND``) for every op.
         progress: show a tqdm bar over steps.
 
@@ -284,7 +293,7 @@ def generate(
     masked; d2Cache's vanilla loop can then spin forever).
     """
     _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend)  # fmt: skip
+              temperature, backend, certainty_prior)  # fmt: skip
     policy = make_policy(policy)
     device = model.device
     input_ids = input_ids.to(device=device, dtype=torch.int64)
@@ -367,6 +376,9 @@ def generate(
         token, conf = runtime.decide(positions, temperature=float(temperature), seed=seed * 1_000_003 + step)
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
+        if certainty_prior is not None:
+            density = canvas_density(tokens[:, prompt_len:] != mask_id, certainty_prior)
+            conf = conf * torch.gather(density, 1, positions - prompt_len)
         forced = policy.forced_commit(state)
         if forced is not None:
             commit = _with_forced(forced & masked, conf, masked, fixed, row_counts, schedule, step_in_block)

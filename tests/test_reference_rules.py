@@ -282,3 +282,133 @@ def test_fast_dllm_llada_has_no_forced_commit(llada):
     assert policy.forced_commit(state) is None
     with pytest.raises(ValueError, match="dream_block_start"):
         FastDLLMDual(dream_block_start="x")
+
+
+# -- items 8-12: d2Cache ------------------------------------------------------------------------
+
+
+def fft_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The reference's FFT canvas density (d2Cache ``src/utils/common.py``), re-derived here."""
+    batch, length = decoded.shape
+    canvas = torch.nn.functional.pad(decoded.double(), (length, length), value=1.0)
+    canvas[~decoded[:, -1], 2 * length :] = 0.0
+    ext = 3 * length
+    dist = torch.cat([torch.arange(ext), torch.arange(-ext, 0)]).double()
+    kernel = torch.fft.fft(torch.exp(-(dist**2) / (2 * sigma**2)), n=2 * ext)
+    spectrum = torch.fft.fft(torch.nn.functional.pad(canvas, (0, ext)), n=2 * ext)
+    weighted = torch.fft.ifft(spectrum * kernel).real
+    norm = torch.fft.ifft(torch.fft.fft(torch.ones(batch, 2 * ext, dtype=torch.float64)) * kernel).real
+    return (weighted[:, length : 2 * length] / norm[:, length : 2 * length]).float()
+
+
+def test_canvas_density_is_the_reference_fft_canvas():
+    from spacache_kernels.policies.d2cache import canvas_density
+
+    # One decoded token, sigma 1: canvas [1 | 1 | 1]; d = (K(1) + K(0) + K(-1)) / sum_{D=-3..2} K(D).
+    k = lambda d: torch.exp(torch.tensor(-(d**2) / 2.0, dtype=torch.float64))  # noqa: E731
+    want = (k(1) + k(0) + k(-1)) / sum(k(d) for d in range(-3, 3))
+    assert canvas_density(torch.tensor([[True]]), 1.0).item() == pytest.approx(float(want), rel=1e-6)
+    # Last token masked: the right pad is 0.
+    want = (k(1) + 0 + 0) / sum(k(d) for d in range(-3, 3))
+    assert canvas_density(torch.tensor([[False]]), 1.0).item() == pytest.approx(float(want), rel=1e-6)
+    g = torch.Generator().manual_seed(3)
+    decoded = torch.rand(3, 20, generator=g) > 0.5
+    decoded[0, -1], decoded[1, -1] = True, False
+    torch.testing.assert_close(canvas_density(decoded, 3.0), fft_density(decoded, 3.0), atol=1e-6, rtol=1e-5)
+
+
+M = 99  # the mask id of the hand-built d2Cache states
+
+
+def _d2_step(
+    rules, *, before, after, conf, fresh_conf=None, k=2, shift=False, prompt_len=2, layer_probs=None
+):
+    """Run D2Cache.end_step on a hand-built state: generated tokens ``before`` / ``after`` this step's
+    commit (lists, M = masked), the cached confidence ``conf``; the step's own logits give
+    ``fresh_conf`` (default: ``conf``). Returns the next step's row set (absolute positions)."""
+    from spacache_kernels.policies import D2Cache, DecodeState
+
+    gen_len = len(before)
+    total = prompt_len + gen_len
+    conf = torch.tensor([conf], dtype=torch.float32)
+    fresh = conf if fresh_conf is None else torch.tensor([fresh_conf], dtype=torch.float32)
+    policy = D2Cache(k=k, rollout_p=0.1 if layer_probs else 0.0, rules=rules)
+    policy.shape = GenerationShape(1, prompt_len, gen_len, torch.device("cpu"), block_length=gen_len)
+    policy.model = SimpleNamespace(config=SimpleNamespace(d_model=1), lm_head=torch.zeros(1, 1))
+    policy.shift, policy.flops = shift, 0
+    policy.runtime = SimpleNamespace(
+        key_padding=None,
+        positions=torch.arange(total)[None],
+        decide=lambda target: (target, fresh[0][target - prompt_len]),
+    )
+    policy.conf, policy._conf_set = conf.clone(), True
+    policy._ran = torch.arange(total)[None]
+    policy._layer_probs = layer_probs or []
+    tokens = torch.tensor([[1] * prompt_len + list(before)])
+    state = dict(block_start=torch.tensor([prompt_len]), block_length=gen_len, block_index=0, step_in_block=1)
+    policy.begin_step(DecodeState(step=1, tokens=tokens, mask_id=M, **state))
+    tokens[0, prompt_len:] = torch.tensor(after)
+    committed = torch.zeros_like(tokens, dtype=torch.bool)
+    committed[0, prompt_len:] = torch.tensor(before) != torch.tensor(after)
+    policy.end_step(DecodeState(step=1, tokens=tokens, mask_id=M, committed=committed, **state))
+    return sorted(set(policy.next_rows[0].tolist()))
+
+
+def test_d2cache_c3_window_rounds_to_the_still_masked_count():
+    # 12 generated, 0 and 1 decoded, this step commits 2; k = 2 is reached at 4. The reference rounds
+    # to the 10 still-masked (window 0..9), so the confident 10 and 11 are out of reach.
+    before = [5, 5] + [M] * 10
+    after = [5, 5, 6] + [M] * 9
+    conf = [0.1] * 10 + [0.9, 0.95]
+    assert _d2_step("reference", before=before, after=after, conf=conf) == [2 + 2, 2 + 3, 2 + 4]
+    # Rounded to the block length (corrected) the window covers 10 and 11.
+    assert _d2_step("corrected", before=before, after=after, conf=conf) == [2 + 2, 2 + 10, 2 + 11]
+
+
+def test_d2cache_c1_cached_confidence_is_step_zero():
+    before = [5] + [M] * 7
+    after = [5, 6] + [M] * 6
+    conf = [0.5] * 8
+    fresh = [0.5] * 7 + [1.0]  # this step's logits make 7 the most confident
+    k1 = dict(before=before, after=after, conf=conf, fresh_conf=fresh, k=1)
+    assert _d2_step("reference", **k1) == [2 + 1, 2 + 2]  # step-0 confidence: density decides (2)
+    assert _d2_step("corrected", **k1) == [2 + 1, 2 + 7]
+
+
+def test_d2cache_c5_last_prompt_token_is_overwritten_after_the_nucleus():
+    # Dream: a layer whose every query attends to the last prompt token (1) makes it the most important
+    # token, so the nucleus adds it; the reference then overwrites it with generated token 0's selection.
+    prompt_len, before, after = 2, [M, M, M, M], [M, 7, M, M]
+    total = prompt_len + len(before)
+    probs = torch.zeros(1, total, total)
+    probs[0, :, prompt_len - 1] = 1.0
+    layer = [(torch.arange(total)[None], probs)]
+    kw = dict(before=before, after=after, conf=[0.1, 0.1, 0.1, 0.9], k=1, shift=True, layer_probs=layer)
+    # chosen: generated 3 (run at position 2 + 2 = 4); committed: generated 1 (position 3).
+    assert _d2_step("reference", **kw) == [3, 4]
+    assert _d2_step("corrected", **kw) == [1, 3, 4]
+    # When generated token 0 is chosen, position P - 1 stays selected (the nucleus then adds the next
+    # most important token, position 0 on this tie).
+    kw["conf"] = [0.9, 0.1, 0.1, 0.1]
+    assert _d2_step("reference", **kw) == [0, 1, 3]
+
+
+def test_certainty_prior_decoding_equals_a_plain_loop(llada):
+    # d2Cache's published decoding: one block, one token per step, confidence x canvas density.
+    ids = prompts(1, seed=15)
+    plen, glen, sigma = 6, 8, 3.0
+    x = torch.cat([ids, torch.full((1, glen), llada.mask_id)], dim=1)
+    for _ in range(glen):
+        logits = llada.forward_dense(x)[:, plen:]
+        token = logits.index_fill(-1, torch.tensor([llada.mask_id]), -float("inf")).argmax(-1)
+        conf = torch.softmax(logits, -1).gather(-1, token[..., None])[..., 0]
+        masked = x[:, plen:] == llada.mask_id
+        score = torch.where(masked, conf * fft_density(~masked, sigma), -float("inf"))
+        best = int(score.argmax())
+        x[0, plen + best] = token[0, best]
+    kw = dict(gen_length=glen, steps=glen, block_length=glen, policy="vanilla", backend="torch")
+    got = generate(llada, ids, certainty_prior=sigma, **kw)
+    assert torch.equal(got.sequences, x)
+    assert not torch.equal(generate(llada, ids, **kw).sequences, x)  # the prior changes the order
+    with pytest.raises(ValueError, match="certainty_prior"):
+        generate(llada, ids, certainty_prior=0.0, **kw)
