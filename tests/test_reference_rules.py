@@ -412,3 +412,72 @@ def test_certainty_prior_decoding_equals_a_plain_loop(llada):
     assert not torch.equal(generate(llada, ids, **kw).sequences, x)  # the prior changes the order
     with pytest.raises(ValueError, match="certainty_prior"):
         generate(llada, ids, certainty_prior=0.0, **kw)
+
+
+# -- item 13: dLLM-Cache on Dream, position P - 1 between prompt refreshes --------------------------
+
+
+def dense_branches(model, ids):
+    """Embeddings (B, T, d) and every layer's attention + FFN output (list of (B, T, d)), full forward."""
+    from spacache_kernels.ops import reference as ref
+
+    cfg = model.config
+    batch, length = ids.shape
+    positions = model.positions(None, length).expand(batch, length)
+    rope = (model.rope_cos, model.rope_sin)
+    hidden = emb = model.embed_tokens(ids)
+    branches = []
+    for layer in model.layers:
+        normed = ref.rms_norm(hidden, layer.attn_norm, cfg.norm_eps)
+        q = ref.gather_linear(normed, None, layer.w_q, layer.b_q, rope=rope, positions=positions)
+        w_k, w_v = layer.w_kv[: cfg.kv_width], layer.w_kv[cfg.kv_width :]
+        b_k = b_v = None
+        if layer.b_kv is not None:
+            b_k, b_v = layer.b_kv[: cfg.kv_width], layer.b_kv[cfg.kv_width :]
+        k = ref.gather_linear(normed, None, w_k, b_k, rope=rope, positions=positions)
+        v = ref.gather_linear(normed, None, w_v, b_v)
+        shape = (batch, length, -1, cfg.head_dim)
+        attn, _ = ref.sparse_attention(q.view(shape), k.view(shape), v.view(shape), None)
+        o = ref.gather_linear(attn.reshape(batch, length, -1), None, layer.w_o, layer.b_o)
+        g = ref.rms_norm(hidden + o, layer.ffn_norm, cfg.norm_eps)
+        f = ref.gather_linear(ref.gather_swiglu(g, None, layer.w_gate, layer.w_up), None, layer.w_down)
+        branches.append(o + f)
+        hidden = hidden + o + f
+    return emb, branches
+
+
+def test_dllm_cache_dream_prompt_end_carries_fresh_layer0_and_cached_deeper_layers(dream):
+    from spacache_kernels.policies import DecodeState, DLLMCache
+
+    ids = prompts(2, seed=16)
+    batch, plen, glen = 2, 6, 8
+    t0 = torch.cat([ids, torch.full((batch, glen), dream.mask_id)], dim=1)
+    t1 = t0.clone()
+    t1[:, plen + 2], t1[:, plen + 5] = 7, 9
+    policy = DLLMCache(prompt_interval=100, gen_interval=1)
+    policy.reset(dream, GenerationShape(batch, plen, glen, dream.device, "torch", block_length=glen))
+    runtime = DenoiseRuntime(dream, torch.ones_like(t0), plen, policy, "torch")
+    tokens = t0.clone()
+    for step, now in enumerate([t0, t1]):
+        tokens.copy_(now)
+        state = DecodeState(step, tokens, torch.tensor([plen] * batch), glen, 0, step, dream.mask_id)
+        policy.begin_step(state)
+        runtime.step(tokens, policy.plan(step))
+    assert policy.plan(1).region == "gen"
+    token, conf = runtime.decide(torch.arange(plen, plen + glen).expand(batch, -1))
+    # The reference's P - 1: embedding + layer 0 on the new tokens + layers 1.. cached at step 0.
+    emb, old = dense_branches(dream, t0)
+    _, new = dense_branches(dream, t1)
+    state = emb[:, plen - 1] + new[0][:, plen - 1] + sum(b[:, plen - 1] for b in old[1:])
+    from spacache_kernels.ops import reference as ref
+
+    logits = ref.rms_norm(state, dream.final_norm, dream.config.norm_eps) @ dream.lm_head.T
+    want = logits.index_fill(-1, torch.tensor([dream.mask_id]), -float("inf")).argmax(-1)
+    want_conf = torch.softmax(logits, -1).gather(-1, want[:, None])[:, 0]
+    assert torch.equal(token[:, 0], want)
+    torch.testing.assert_close(conf[:, 0].float(), want_conf, atol=1e-5, rtol=1e-5)
+    # The state left from step 0 (the earlier behaviour) predicts differently.
+    stale = emb[:, plen - 1] + sum(b[:, plen - 1] for b in old)
+    stale_logits = ref.rms_norm(stale, dream.final_norm, dream.config.norm_eps) @ dream.lm_head.T
+    stale_conf = torch.softmax(stale_logits, -1).max(-1).values
+    assert not torch.allclose(stale_conf, want_conf, atol=1e-4)
