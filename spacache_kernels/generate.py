@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from spacache_kernels.models.runtime import DenoiseRuntime
+from spacache_kernels.models.runtime import MEASURES, DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
 from spacache_kernels.policies.base import DecodeState
@@ -142,12 +142,11 @@ def first_masked_block(
     return first // block_length
 
 
-def _with_forced(forced, conf, masked, fixed, row_counts, schedule, step_in_block) -> torch.Tensor:
-    """A step whose policy forces ``forced`` (B, b): threshold / factor commit exactly those; the
-    fixed-count rule commits them plus the rest of the step's count by confidence."""
-    if not fixed:
+def _with_forced(forced, conf, masked, count) -> torch.Tensor:
+    """A step whose policy forces ``forced`` (B, b): threshold / factor (``count`` None) commit exactly
+    those; the fixed-count rule commits them plus the rest of the step's ``count`` by confidence."""
+    if count is None:
         return forced
-    count = row_counts[:, step_in_block] if row_counts is not None else schedule[step_in_block]
     rest = torch.as_tensor(count, device=masked.device) - forced.sum(1)
     return forced | fixed_commit_counts(conf, masked & ~forced, rest.clamp_min(0))
 
@@ -176,6 +175,33 @@ def _early_stop_period(early_stop_steps, policy, block_length: int) -> int | Non
     return block_length if value == "block" else value
 
 
+SCHEDULES = ("llada", "dream", "spa-dream")
+
+
+def dream_transfer_count(masked: torch.Tensor, step_in_block: int, steps_per_block: int,
+                         at_least_one: bool = False, eps: float = 1e-3) -> int:  # fmt: skip
+    """Tokens Dream's schedule commits at step ``step_in_block`` of a block: ``int(m * (1 - s / t))``
+    with ``t, s`` consecutive entries of ``linspace(1, eps, steps + 1)`` and ``m`` the masked count of
+    ``masked`` (B, b) averaged over the batch (fp32, as the reference), ``int(m)`` at the last step.
+    One host read."""
+    mean = masked.sum().float().cpu() / masked.shape[0]
+    if step_in_block < steps_per_block - 1:
+        times = torch.linspace(1, eps, steps_per_block + 1)
+        count = int(mean * (1 - times[step_in_block + 1] / times[step_in_block]))
+    else:
+        count = int(mean)
+    return max(count, 1) if at_least_one else count
+
+
+def _step_count(schedule, fixed_schedule, row_counts, masked, step_in_block):
+    """The fixed-count rule's tokens this step: an int, or (B,) per row under early termination."""
+    if schedule != "llada":
+        return dream_transfer_count(masked, step_in_block, len(fixed_schedule), schedule == "spa-dream")
+    if row_counts is not None:
+        return row_counts[:, step_in_block]
+    return fixed_schedule[step_in_block]
+
+
 def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -185,7 +211,8 @@ def _check_int(name: str, value, minimum: int = 1) -> int:
 
 
 def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend, certainty_prior=None):  # fmt: skip
+              temperature, backend, certainty_prior=None, confidence="max_prob",
+              schedule="llada"):  # fmt: skip
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -215,6 +242,10 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
         raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
     if factor is not None and not factor > 0:
         raise ValueError(f"factor: expected a positive value, got {factor}")
+    if confidence not in MEASURES:
+        raise ValueError(f"confidence: expected one of {MEASURES}, got {confidence!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     sigma = certainty_prior
     if sigma is not None and (type(sigma) not in (int, float) or sigma <= 0):
         raise ValueError(f"certainty_prior: expected a positive sigma or None, got {certainty_prior!r}")
@@ -255,6 +286,8 @@ def generate(
     eos_token_id: int | None = None,
     early_stop_steps: int | str | None = None,
     certainty_prior: float | None = None,
+    confidence: str = "max_prob",
+    schedule: str = "llada",
     backend: str | None = "auto",
     seed: int = 0,
     progress: bool = False,
@@ -282,6 +315,14 @@ def generate(
             (and thresholds) confidence times the certainty density of the decoded positions
             around each token, computed as d2Cache's reference does (``policies.d2cache.
             canvas_density`` over the generated region before the step); None: plain confidence.
+        confidence: what the rules rank by: "max_prob" (default; LLaDA, ``alg="maskgit_plus"``),
+            "margin" (top-1 minus top-2 probability, ``alg="topk_margin"``) or "neg_entropy"
+            (``alg="entropy"``, Dream's and Fast-dLLM-Dream's fixed-step default).
+        schedule: fixed-count tokens per step: "llada" (``b // s`` per step, remainder first),
+            "dream" (Dream's ``generation_utils``: at step i of s, ``int(m * (1 - t_{i+1} / t_i))``
+            with ``t = linspace(1, 1e-3, s + 1)`` and m the block's masked count averaged over the
+            batch, everything left at the last step; as Fast-dLLM's Dream block loop) or
+            "spa-dream" (SPA-Cache's copy of it, which commits at least one token per step).
         backend: "auto" | "triton" | "torch" | None (``SPACACHE_BACKEND``) for every op.
         progress: show a tqdm bar over steps.
 
@@ -293,7 +334,7 @@ def generate(
     masked; d2Cache's vanilla loop can then spin forever).
     """
     _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend, certainty_prior)  # fmt: skip
+              temperature, backend, certainty_prior, confidence, schedule)  # fmt: skip
     policy = make_policy(policy)
     device = model.device
     input_ids = input_ids.to(device=device, dtype=torch.int64)
@@ -338,13 +379,13 @@ def generate(
     start_time = time.perf_counter()
     step = 0
     block_of_row = torch.zeros(batch, dtype=torch.int64, device=device)
-    schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
+    fixed_schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
     block_index, step_in_block = 0, 0  # host-side, meaningful in lockstep mode
     committed = None
     row_counts = None  # (B, steps per block): fixed-count schedule per row under early termination
     while True:
         if fixed and early:
-            if step_in_block >= len(schedule):  # the block's steps are used up
+            if step_in_block >= len(fixed_schedule):  # the block's steps are used up
                 block_index, step_in_block = block_index + 1, 0
             # Skip every block no row has a mask left in (one host read per step).
             target = int(first_masked_block(tokens, prompt_len, mask_id, block_length).min())
@@ -355,12 +396,12 @@ def generate(
             if step_in_block == 0:
                 lo = prompt_len + block_index * block_length
                 block_masked = (tokens[:, lo : lo + block_length] == mask_id).sum(1)
-                row_counts = row_transfer_schedule(block_masked, len(schedule))
+                row_counts = row_transfer_schedule(block_masked, len(fixed_schedule))
             block_of_row.fill_(block_index)
         elif fixed:
             if step >= steps:
                 break
-            block_index, step_in_block = divmod(step, len(schedule))
+            block_index, step_in_block = divmod(step, len(fixed_schedule))
             block_of_row.fill_(block_index)
         block_start = prompt_len + block_of_row * block_length
         state = DecodeState(
@@ -373,19 +414,22 @@ def generate(
         stats.plan_kinds[plan.kind] = stats.plan_kinds.get(plan.kind, 0) + 1
         runtime.step(tokens, plan)
         positions = block_start[:, None] + offsets  # (B, b)
-        token, conf = runtime.decide(positions, temperature=float(temperature), seed=seed * 1_000_003 + step)
+        token, conf = runtime.decide(
+            positions, temperature=float(temperature), seed=seed * 1_000_003 + step, measure=confidence
+        )
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
         if certainty_prior is not None:
             density = canvas_density(tokens[:, prompt_len:] != mask_id, certainty_prior)
             conf = conf * torch.gather(density, 1, positions - prompt_len)
         forced = policy.forced_commit(state)
+        count = _step_count(schedule, fixed_schedule, row_counts, masked, step_in_block) if fixed else None
         if forced is not None:
-            commit = _with_forced(forced & masked, conf, masked, fixed, row_counts, schedule, step_in_block)
-        elif fixed and early:
-            commit = fixed_commit_counts(conf, masked, row_counts[:, step_in_block])
+            commit = _with_forced(forced & masked, conf, masked, count)
+        elif isinstance(count, torch.Tensor):
+            commit = fixed_commit_counts(conf, masked, count)
         elif fixed:
-            commit = fixed_commit(conf, masked, schedule[step % len(schedule)])
+            commit = fixed_commit(conf, masked, count)
         elif threshold is not None:
             commit = threshold_commit(conf, masked, threshold)
         else:

@@ -69,7 +69,12 @@ def test_dream_gsm8k_preset_is_the_published_run():
     assert PUBLISHED["dream-7b"] == PUBLISHED["dream-7b-gsm8k"]
     run = PUBLISHED_RUNS["dream-7b-gsm8k"]
     assert run["script"] == "scripts/dream/eval_gsm8k.sh"
-    assert run["generate"] == {"gen_length": 256, "steps": 256, "block_length": 256, "temperature": 0.2}
+    assert run["generate"] == {
+        "gen_length": 256, "steps": 256, "block_length": 256, "temperature": 0.2,
+        "confidence": "neg_entropy", "schedule": "spa-dream",
+    }  # fmt: skip
+    llada_run = PUBLISHED_RUNS["llada-8b-gsm8k"]["generate"]
+    assert llada_run == {"gen_length": 256, "steps": 256, "block_length": 8}
 
 
 def test_every_published_run_is_a_preset_and_listed_in_the_readme():
@@ -481,3 +486,60 @@ def test_dllm_cache_dream_prompt_end_carries_fresh_layer0_and_cached_deeper_laye
     stale_logits = ref.rms_norm(stale, dream.final_norm, dream.config.norm_eps) @ dream.lm_head.T
     stale_conf = torch.softmax(stale_logits, -1).max(-1).values
     assert not torch.allclose(stale_conf, want_conf, atol=1e-4)
+
+
+# -- item 7: confidence measures and Dream's schedule ---------------------------------------------
+
+
+def test_confidence_measures_on_a_known_distribution():
+    from spacache_kernels.models.runtime import confidence_measure
+
+    probs = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]])
+    normed, head = probs.log(), torch.eye(3)  # logits = log p, so softmax gives p back
+    torch.testing.assert_close(confidence_measure(normed, head, "margin"), torch.tensor([[0.2, 0.7]]))
+    want = (probs * torch.log(probs + 1e-10)).sum(-1)
+    torch.testing.assert_close(confidence_measure(normed, head, "neg_entropy"), want)
+    with pytest.raises(ValueError, match="measure"):
+        confidence_measure(normed, head, "entropy")
+
+
+def test_dream_schedule_counts():
+    from spacache_kernels.generate import dream_transfer_count
+
+    masked = torch.zeros(2, 8, dtype=torch.bool)
+    masked[0, :8], masked[1, :6] = True, True  # m = 7 (batch mean)
+    # t = linspace(1, 1e-3, 5) = 1, .75025, .5005, .25075, .001: int(7 * (1 - s / t)) = 1, 2, 3; last: 7
+    assert [dream_transfer_count(masked, i, 4) for i in range(4)] == [1, 2, 3, 7]
+    # 32 masked over 32 steps: the first step's 32 * (1 - t1 / t0) is 0.999, so Dream commits nothing
+    # there and SPA-Cache's copy commits one.
+    full = torch.ones(1, 32, dtype=torch.bool)
+    assert dream_transfer_count(full, 0, 32) == 0
+    assert dream_transfer_count(full, 0, 32, at_least_one=True) == 1
+
+
+def test_dream_sampler_neg_entropy_equals_a_plain_loop(dream):
+    # Dream's own sampler (alg="entropy", temperature 0) over one block, written out on full logits.
+    ids = prompts(2, seed=17)
+    glen, steps = 8, 4
+    x = torch.cat([ids, torch.full((2, glen), dream.mask_id)], dim=1)
+    times = torch.linspace(1, 1e-3, steps + 1)
+    for i in range(steps):
+        logits = dream.forward_dense(x)
+        masked = x == dream.mask_id
+        token = logits.index_fill(-1, torch.tensor([dream.mask_id]), -float("inf")).argmax(-1)
+        probs = torch.softmax(logits, -1)
+        conf = torch.where(masked, (probs * torch.log(probs + 1e-10)).sum(-1), -float("inf"))
+        mean = masked.sum() / masked.shape[0]
+        count = int(mean * (1 - times[i + 1] / times[i])) if i < steps - 1 else int(mean)
+        if count > 0:
+            top = conf.topk(count, dim=1).indices
+            rows = torch.arange(2)[:, None].expand_as(top)
+            x[rows, top] = torch.where(masked[rows, top], token[rows, top], x[rows, top])
+    kw = dict(gen_length=glen, steps=steps, block_length=glen, policy="vanilla", backend="torch")
+    got = generate(dream, ids, confidence="neg_entropy", schedule="dream", **kw)
+    assert torch.equal(got.sequences, x)
+    assert not torch.equal(generate(dream, ids, **kw).sequences, x)
+    with pytest.raises(ValueError, match="schedule"):
+        generate(dream, ids, schedule="cosine", **kw)
+    with pytest.raises(ValueError, match="confidence"):
+        generate(dream, ids, confidence="entropy", **kw)

@@ -33,6 +33,23 @@ from spacache_kernels.ops.norm import rms_norm
 from spacache_kernels.ops.scatter import scatter_residual, scatter_rows_
 from spacache_kernels.policies.base import CachePolicy, StepPlan
 
+MEASURES = ("max_prob", "margin", "neg_entropy")
+
+
+def confidence_measure(normed: torch.Tensor, lm_head: torch.Tensor, measure: str, temperature: float = 0.0):
+    """(B, m) "margin" or "neg_entropy" of the next-token distribution of ``normed`` (B, m, d) rows, as
+    Dream's / Fast-dLLM's ``sample_tokens`` computes them (over the whole vocabulary, mask included)."""
+    logits = normed.float() @ lm_head.float().T
+    if temperature > 0:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    if measure == "margin":
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if measure == "neg_entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+    raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+
 
 class DenoiseRuntime:
     """Caches and step execution for one generate() call.
@@ -262,9 +279,14 @@ class DenoiseRuntime:
 
     # ------------------------------------------------------------------------------------------
     def decide(
-        self, positions: torch.Tensor, *, temperature: float = 0.0, seed: int = 0
+        self, positions: torch.Tensor, *, temperature: float = 0.0, seed: int = 0, measure: str = "max_prob"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted token and confidence at ``positions`` (B, m) of the last computed hidden states.
+
+        measure: the confidence the unmasking rule ranks by (the references' choices): "max_prob"
+        (the chosen token's probability, fused kernel), "margin" (top-1 minus top-2 probability) or
+        "neg_entropy" (``sum p log(p + 1e-10)``); the last two are computed from the decision rows'
+        logits in fp32 (``B x m x V``, the references' own cost), with the temperature applied.
 
         Dream-style models (``config.shift_logits``) read the hidden state one position earlier, so
         the result always means "the prediction for token ``positions``". A plan with
@@ -281,6 +303,8 @@ class DenoiseRuntime:
             normed, model.lm_head, None, temperature=temperature, seed=seed, suppress_token=model.mask_id,
             backend=self.backend, check_indices=False,
         )  # fmt: skip
+        if measure != "max_prob":
+            conf = confidence_measure(normed, model.lm_head, measure, temperature)
         if self.policy.decide_fresh_only:
             # A stale hidden state must never be committed: its confidence drops below every fresh one.
             conf = conf.masked_fill(~torch.gather(self.fresh, 1, src), float("-inf"))

@@ -112,7 +112,8 @@ _LLADA_RUN = {"gsm8k": (256, 256, 8), "math": (256, 256, 32), "humaneval": (512,
               "mbpp": (512, 512, 32), "bbh": (256, 256, 256), "gpqa": (128, 128, 64),
               "mmlu-pro": (256, 256, 256)}  # fmt: skip
 # The generate() side of each published run and its source script. Dream's runs sample (temperature
-# 0.2, top-p 0.95) and rank by negative entropy on Dream's schedule over one block of 256.
+# 0.2; their top-p 0.95 is not implemented here) and rank by negative entropy on SPA-Cache's copy of
+# Dream's schedule (at least one token per step) over one block of 256.
 PUBLISHED_RUNS: dict[str, dict] = {
     **{
         f"llada-8b-{task}": {
@@ -124,7 +125,10 @@ PUBLISHED_RUNS: dict[str, dict] = {
     **{
         f"dream-7b-{task}": {
             "script": f"scripts/dream/eval_{task.replace('-', '_')}.sh",
-            "generate": {"gen_length": 256, "steps": 256, "block_length": 256, "temperature": 0.2},
+            "generate": {
+                "gen_length": 256, "steps": 256, "block_length": 256, "temperature": 0.2,
+                "confidence": "neg_entropy", "schedule": "spa-dream",
+            },  # fmt: skip
         }
         for task in ("gsm8k", "math", "humaneval", "mbpp", "bbh", "gpqa", "mmlu-pro")
     },
