@@ -543,3 +543,56 @@ def test_dream_sampler_neg_entropy_equals_a_plain_loop(dream):
         generate(dream, ids, schedule="cosine", **kw)
     with pytest.raises(ValueError, match="confidence"):
         generate(dream, ids, confidence="entropy", **kw)
+
+
+# -- item 5: the budget curve at the published depths ---------------------------------------------
+
+
+def _reference_curve(n_layers, peak_pos, freq_start, freq_peak, freq_end, max_ratio, floor):
+    """SPA-Cache's ``_split_gaussian_frequency`` with ``scale = max / peak``, re-derived here."""
+    import math
+
+    scale = max_ratio / freq_peak
+    peak, start, end = freq_peak * scale, freq_start * scale, freq_end * scale
+    sigma_l = math.sqrt(-(peak_pos**2) / (2 * math.log(start / peak)))
+    sigma_r = math.sqrt(-((1 - peak_pos) ** 2) / (2 * math.log(end / peak)))
+    out = []
+    for layer in range(n_layers):
+        t = layer / n_layers
+        sigma = sigma_l if t < peak_pos else sigma_r
+        value = peak * math.exp(-((t - peak_pos) ** 2) / (2 * sigma**2))
+        out.append(max(value, floor) if t < peak_pos else value)
+    return out
+
+
+@pytest.mark.parametrize(
+    "preset, n_layers, shape",
+    [
+        ("llada-8b", 32, (0.75, 0.03, 0.25, 0.13)),  # LLaDA-8B-Instruct
+        ("llada-1.5", 32, (0.8, 0.03, 0.25, 0.13)),
+        ("dream-7b", 28, (0.5, 0.05, 0.3, 0.25)),  # Dream-v0-Instruct-7B
+        ("llada-8b", 12, (0.75, 0.03, 0.25, 0.13)),  # another depth: our extension, same formula
+    ],
+)
+def test_budget_curve_equals_the_reference_at_the_published_depths(preset, n_layers, shape):
+    got = update_ratios(n_layers, max_update_ratio=0.25, min_update_ratio=2**-4, preset=preset)
+    want = _reference_curve(n_layers, *shape, max_ratio=0.25, floor=2**-4)
+    assert got.tolist() == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+# -- item 14: the mask token is never predicted ----------------------------------------------------
+
+
+def test_mask_token_is_never_committed_even_when_it_is_the_argmax(tmp_path):
+    path = write_llada_checkpoint(tmp_path, n_layers=2, max_sequence_length=64)
+    model = load_model(path, dtype=torch.float32)
+    ids = prompts(1, seed=18)
+    x = torch.cat([ids, torch.full((1, 8), model.mask_id)], dim=1)
+    # Point the mask token's head row along the masked positions' final states: the references'
+    # whole-vocabulary argmax would now "commit" the mask id there.
+    logits = model.forward_dense(x)  # = lm_head @ final-normed state: recover the mean state
+    normed_dir = torch.linalg.lstsq(model.lm_head.float(), logits[0, 6:].mean(0)).solution
+    model.lm_head[model.mask_id] = 50 * normed_dir / normed_dir.norm()
+    assert (model.forward_dense(x)[0, 6:].argmax(-1) == model.mask_id).all()
+    out = generate(model, ids, gen_length=8, steps=8, block_length=8, policy="vanilla", backend="torch")
+    assert not (out.sequences == model.mask_id).any() and out.stats.steps == 8
