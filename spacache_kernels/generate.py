@@ -12,7 +12,12 @@ of the caching policy:
 * ``factor=f`` (Fast-dLLM): sort the block's masked confidences descending and commit the largest n
   with ``c_(j) >= 1 - f / (j + 1)`` for every j <= n (j = 1 always passes).
 
-Confidence is ``softmax(logits)[token]``; temperature > 0 samples the token with Gumbel-max.
+Confidence is ``softmax(logits)[token]`` (``confidence="margin"`` / ``"neg_entropy"``: the other
+measures the references use); temperature > 0 samples the token with Gumbel-max. Fixed count may
+follow Dream's schedule instead (``schedule="dream"`` / ``"spa-dream"``), every rule may rank by
+confidence times d2Cache's certainty density (``certainty_prior``), a policy may force commits
+(Fast-dLLM's Dream block start), and ``early_stop_steps`` turns on SPA-Cache's early termination.
+The mask token is never predicted (a deliberate deviation from every reference).
 In threshold/factor mode each row advances to its next block as soon as its block is decoded and
 leaves the batch when it has no mask left (so a batch decodes each row exactly as it would alone;
 the reference keeps blocks in lockstep across the batch). Fixed-count mode needs no host sync per

@@ -596,3 +596,28 @@ def test_mask_token_is_never_committed_even_when_it_is_the_argmax(tmp_path):
     assert (model.forward_dense(x)[0, 6:].argmax(-1) == model.mask_id).all()
     out = generate(model, ids, gen_length=8, steps=8, block_length=8, policy="vanilla", backend="torch")
     assert not (out.sequences == model.mask_id).any() and out.stats.steps == 8
+
+
+@pytest.mark.parametrize("policy", ["vanilla", "fast_dllm_prefix"])
+def test_early_termination_under_threshold_decoding(llada, policy):
+    ids = prompts(2, seed=11)
+    kw = dict(gen_length=16, steps=16, block_length=8, backend="torch")
+    fixed = generate(llada, ids, policy="vanilla", **kw).sequences
+    eos = int(fixed[0, 6 + 2])
+    pad = llada.config.pad_token_id
+    stops = torch.tensor([eos, pad])
+    # threshold 1.0 commits one token per step, the best: the fixed-count run's order.
+    got = generate(llada, ids, policy=policy, threshold=1.0, eos_token_id=eos, early_stop_steps=8, **kw)
+    want = generate(llada, ids, policy=policy, threshold=1.0, **kw).sequences
+    firsts = []
+    for row in range(2):
+        gen, ref = got.sequences[row, 6:], want[row, 6:]
+        hit = torch.isin(ref, stops).nonzero()
+        firsts.append(int(hit[0]) if len(hit) else 16)
+        assert not (gen == llada.mask_id).any()
+        if firsts[-1] < 8:  # the stop is decoded in block 0: identical up to it, pad after it
+            assert torch.equal(gen[: firsts[-1] + 1], ref[: firsts[-1] + 1])
+            assert (gen[firsts[-1] + 1 :] == pad).all()
+    assert firsts[0] < 8
+    # One token per step: a row whose stop lands in block 0 is done after 8 steps, others need 16.
+    assert got.stats.steps == (8 if max(firsts) < 8 else 16)
