@@ -326,8 +326,9 @@ M = 99  # the mask id of the hand-built d2Cache states
 
 
 def _d2_step(
-    rules, *, before, after, conf, fresh_conf=None, k=2, shift=False, prompt_len=2, layer_probs=None
-):
+    rules, *, before, after, conf, fresh_conf=None, k=2, shift=False, prompt_len=2, layer_probs=None,
+    inflate_w=0,
+):  # fmt: skip
     """Run D2Cache.end_step on a hand-built state: generated tokens ``before`` / ``after`` this step's
     commit (lists, M = masked), the cached confidence ``conf``; the step's own logits give
     ``fresh_conf`` (default: ``conf``). Returns the next step's row set (absolute positions)."""
@@ -337,7 +338,7 @@ def _d2_step(
     total = prompt_len + gen_len
     conf = torch.tensor([conf], dtype=torch.float32)
     fresh = conf if fresh_conf is None else torch.tensor([fresh_conf], dtype=torch.float32)
-    policy = D2Cache(k=k, rollout_p=0.1 if layer_probs else 0.0, rules=rules)
+    policy = D2Cache(k=k, rollout_p=0.1 if layer_probs else 0.0, rules=rules, inflate_w=inflate_w)
     policy.shape = GenerationShape(1, prompt_len, gen_len, torch.device("cpu"), block_length=gen_len)
     policy.model = SimpleNamespace(config=SimpleNamespace(d_model=1), lm_head=torch.zeros(1, 1))
     policy.shift, policy.flops = shift, 0
@@ -396,6 +397,17 @@ def test_d2cache_c5_last_prompt_token_is_overwritten_after_the_nucleus():
     # most important token, position 0 on this tie).
     kw["conf"] = [0.9, 0.1, 0.1, 0.1]
     assert _d2_step("reference", **kw) == [0, 1, 3]
+
+
+def test_d2cache_c6_inflate_fills_gaps_shorter_than_the_width():
+    # Committed: generated 1; chosen (k = 1, most confident): generated 4. Gap between them: 2 and 3.
+    before, after = [5] + [M] * 7, [5, 6] + [M] * 6
+    conf = [0.1, 0.1, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    kw = dict(before=before, after=after, conf=conf, k=1, inflate_w=2)
+    assert _d2_step("reference", **kw) == [2 + 1, 2 + 4]  # distance 3 > 2: not filled
+    assert _d2_step("corrected", **kw) == [2 + 1, 2 + 2, 2 + 3, 2 + 4]  # a gap of 2 <= 2: filled
+    kw["inflate_w"] = 3
+    assert _d2_step("reference", **kw) == [2 + 1, 2 + 2, 2 + 3, 2 + 4]
 
 
 def test_certainty_prior_decoding_equals_a_plain_loop(llada):

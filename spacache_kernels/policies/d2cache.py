@@ -36,11 +36,15 @@ Reference rules (``rules="reference"``, the default; the published numbers ran w
   of the block length.
 * C5: shifted logits (Dream): after the nucleus, the last prompt token's selection is *overwritten*
   with generated token 0's (``q_mask[:, P - 1] = selected_mask[:, 0]``), not OR-ed.
+* C6 (``inflate_w > 0`` only; the published setting has 0): the reference fills the positions between
+  two selected tokens when their distance ``next - prev`` is at most ``inflate_w``, i.e. gaps of at
+  most ``inflate_w - 1`` unselected positions.
 
 ``rules="corrected"`` keeps this package's earlier rules, which fix those slips: the cached confidence
 of every token that ran is refreshed, the density is taken over the real positions (prompt counted
 as decoded, left padding left out) and normalised over them, the window is rounded to the block
-length, and the selection of ``P - 1`` is OR-ed. It is not the published method.
+length, the selection of ``P - 1`` is OR-ed, and ``inflate_w`` fills gaps of up to ``inflate_w``
+positions. It is not the published method.
 
 The published decoding (``configs/gen_args.py``, ``src/generation/vanilla.py``) ranks by confidence
 times the same canvas density ("certainty prior", sigma 10): ``generate(..., certainty_prior=10.0)``.
@@ -162,7 +166,8 @@ class D2Cache(CachePolicy):
         inflate_w: fill gaps up to this width between selected tokens (0: off).
         refresh_interval: also run every token every this many steps (None: only at step 0, as the
             reference; an extension for long generations and for testing).
-        rules: "reference" (C1-C3, C5 of the module docstring, the published method) or "corrected".
+        rules: "reference" (C1-C3, C5, C6 of the module docstring, the published method) or
+            "corrected".
     """
 
     name = "d2cache"
@@ -293,7 +298,8 @@ class D2Cache(CachePolicy):
             selected |= nucleus(importance, ~selected & valid, self.rollout_p)
         if self.shift and reference:  # C5: overwritten, not OR-ed, after the nucleus
             selected[:, prompt_len - 1] = chosen[:, 0]
-        selected = inflate(selected, self.inflate_w)
+        # C6: the reference fills a gap when ``next - prev <= w``, i.e. gaps of at most w - 1 positions.
+        selected = inflate(selected, self.inflate_w - 1 if reference else self.inflate_w)
         self.next_rows = rows_from_mask(selected)
         self._layer_probs = []
 
