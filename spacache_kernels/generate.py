@@ -105,6 +105,8 @@ def fixed_commit(conf: torch.Tensor, masked: torch.Tensor, count: int) -> torch.
 
 def fixed_commit_counts(conf: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """(B, b) bool: per row the ``counts[row]`` (B,) most confident masked positions (no host sync)."""
+    if counts.shape != conf.shape[:1]:
+        raise ValueError(f"counts: expected shape ({conf.shape[0]},), got {tuple(counts.shape)}")
     key = _rank_key(conf, masked)
     order = key.argsort(dim=1, descending=True, stable=True)
     ranks = torch.arange(key.shape[1], device=key.device).expand_as(order)
@@ -484,6 +486,7 @@ def generate(
                 break
             tokens, row_ids, block_of_row = tokens[keep], row_ids[keep], block_of_row[keep]
             committed = committed[keep] if committed is not None else None
+            row_counts = row_counts[keep] if row_counts is not None else None
             runtime.drop_rows(keep)
             policy.drop_rows(keep)
     output[row_ids] = tokens  # the rows still in the batch (finished ones were written as they left)

@@ -160,6 +160,27 @@ def test_early_termination_pads_skips_blocks_and_counts_steps(llada):
     assert torch.equal(with_preset.sequences[0], want0) and with_preset.stats.steps == 8
 
 
+def test_early_termination_every_step_drops_a_finished_row_mid_block(llada):
+    # Every step: a row whose stop token leaves no mask behind finishes inside a block and leaves the
+    # batch; the other row goes on with its own per-row schedule, exactly as it would alone.
+    ids = prompts(2, seed=11)
+    kw = dict(gen_length=16, steps=16, block_length=8, policy="vanilla", backend="torch")
+    plain = generate(llada, ids, **kw).sequences
+    kw["early_stop_steps"] = 1
+    for eos in sorted(set(plain[:, 6:14].flatten().tolist())):  # block-0 tokens, in a fixed order
+        alone = [generate(llada, ids[r : r + 1], eos_token_id=eos, **kw) for r in range(2)]
+        steps = sorted(a.stats.steps for a in alone)
+        if steps[0] < 8 and steps[0] < steps[1]:  # one row is done inside block 0, the other goes on
+            break
+    else:
+        pytest.fail("no stop token ends exactly one row inside block 0 on these inputs")
+    out = generate(llada, ids, eos_token_id=eos, **kw)
+    alone0, alone1 = alone
+    assert torch.equal(out.sequences[0], alone0.sequences[0])
+    assert torch.equal(out.sequences[1], alone1.sequences[0])
+    assert out.stats.steps == max(alone0.stats.steps, alone1.stats.steps)
+
+
 def test_bad_early_stop_steps(llada):
     with pytest.raises(ValueError, match="early_stop_steps"):
         generate(llada, prompts(1), gen_length=8, steps=8, block_length=8, early_stop_steps=0)
