@@ -12,9 +12,14 @@ of the caching policy:
 * ``factor=f`` (Fast-dLLM): sort the block's masked confidences descending and commit the largest n
   with ``c_(j) >= 1 - f / (j + 1)`` for every j <= n (j = 1 always passes).
 
-Confidence is ``softmax(logits)[token]``; temperature > 0 samples the token with Gumbel-max. The
-noise of a row is keyed by (its own seed, step, position in the generated region) only, so a prompt
-samples the same alone and anywhere in any batch (``_step_seeds``).
+Confidence is ``softmax(logits)[token]`` (``confidence="margin"`` / ``"neg_entropy"``: the other
+measures the references use); temperature > 0 samples the token with Gumbel-max. The noise of a row
+is keyed by (its own seed, step, position in the generated region) only, so a prompt samples the
+same alone and anywhere in any batch (``_step_seeds``). Fixed count may follow Dream's schedule
+instead (``schedule="dream"`` / ``"spa-dream"``), every rule may rank by confidence times d2Cache's
+certainty density (``certainty_prior``), a policy may force commits (Fast-dLLM's Dream block
+start), and ``early_stop_steps`` turns on SPA-Cache's early termination.
+The mask token is never predicted (a deliberate deviation from every reference).
 In threshold/factor mode each row advances to its next block as soon as its block is decoded and
 leaves the batch when it has no mask left (so a batch decodes each row exactly as it would alone;
 the reference keeps blocks in lockstep across the batch). Fixed-count mode needs no host sync per
@@ -32,11 +37,12 @@ import numpy as np
 import torch
 
 from spacache_kernels.models.model import DiffusionLM
-from spacache_kernels.models.runtime import DenoiseRuntime
+from spacache_kernels.models.runtime import MEASURES, DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.ops.reference import hash_u32
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
 from spacache_kernels.policies.base import DecodeState
+from spacache_kernels.policies.d2cache import canvas_density
 
 
 @dataclass
@@ -104,6 +110,112 @@ def fixed_commit(conf: torch.Tensor, masked: torch.Tensor, count: int) -> torch.
     return torch.zeros_like(masked).scatter_(1, top, True) & masked
 
 
+def fixed_commit_counts(conf: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, b) bool: per row the ``counts[row]`` (B,) most confident masked positions (no host sync)."""
+    if counts.shape != conf.shape[:1]:
+        raise ValueError(f"counts: expected shape ({conf.shape[0]},), got {tuple(counts.shape)}")
+    key = _rank_key(conf, masked)
+    order = key.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.arange(key.shape[1], device=key.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
+    return (rank < counts.unsqueeze(1)) & masked
+
+
+def row_transfer_schedule(masked_in_block: torch.Tensor, steps_per_block: int) -> torch.Tensor:
+    """(B, s) tokens each row commits at each step of a block, from its masked count (B,) at the block
+    start (the reference's per-row ``get_num_transfer_tokens``; rows differ once early termination
+    has padded part of a block)."""
+    base = masked_in_block.unsqueeze(1) // steps_per_block
+    extra = masked_in_block.unsqueeze(1) % steps_per_block
+    return base + (torch.arange(steps_per_block, device=masked_in_block.device) < extra).long()
+
+
+def early_stop_pad(
+    tokens: torch.Tensor, prompt_len: int, stop_ids: torch.Tensor, pad_id: int
+) -> torch.Tensor:
+    """Early termination (SPA-Cache's ``spac/sequence.py``): overwrite everything after each row's first
+    stop token (EOS or pad) in the generated region with ``pad_id``, in place. Returns the (B, T) bool
+    mask of the positions that changed."""
+    gen = tokens[:, prompt_len:]
+    is_stop = torch.isin(gen, stop_ids)
+    after = torch.cat([torch.zeros_like(is_stop[:, :1]), is_stop[:, :-1]], dim=1).cummax(dim=1).values
+    changed = after & (gen != pad_id)
+    gen.masked_fill_(changed, pad_id)
+    return torch.cat([torch.zeros_like(tokens[:, :prompt_len], dtype=torch.bool), changed], dim=1)
+
+
+def first_masked_block(
+    tokens: torch.Tensor, prompt_len: int, mask_id: int, block_length: int
+) -> torch.Tensor:
+    """(B,) int64: the block of each row's first still-masked generated position (the block count
+    when none is left)."""
+    masked = tokens[:, prompt_len:] == mask_id
+    gen_len = masked.shape[1]
+    none_left = torch.full_like(masked[:, 0], gen_len, dtype=torch.long)
+    first = torch.where(masked.any(1), masked.long().argmax(1), none_left)
+    return first // block_length
+
+
+def _with_forced(forced, conf, masked, count) -> torch.Tensor:
+    """A step whose policy forces ``forced`` (B, b): threshold / factor (``count`` None) commit exactly
+    those; the fixed-count rule commits them plus the rest of the step's ``count`` by confidence."""
+    if count is None:
+        return forced
+    rest = torch.as_tensor(count, device=masked.device) - forced.sum(1)
+    return forced | fixed_commit_counts(conf, masked & ~forced, rest.clamp_min(0))
+
+
+def _stop_tokens(model, eos_token_id) -> tuple[torch.Tensor, int]:
+    """The token ids that end a row for early termination (the given EOS, the config's EOS and pad)
+    and the id written after them (the config's pad, else the EOS)."""
+    cfg = model.config
+    ids = [i for i in (eos_token_id, cfg.eos_token_id, cfg.pad_token_id) if i is not None]
+    if not ids:
+        raise ValueError(
+            "early_stop_steps: early termination needs an EOS or pad token id; pass eos_token_id "
+            "(the model's config has neither)"
+        )
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else ids[0]
+    return torch.tensor(sorted(set(ids)), dtype=torch.int64, device=model.device), int(pad)
+
+
+def _early_stop_period(early_stop_steps, policy, block_length: int) -> int | None:
+    """generate()'s ``early_stop_steps``, else the policy's published one; ``"block"`` = block length."""
+    from spacache_kernels.policies.base import check_early_stop_steps
+
+    value = check_early_stop_steps(early_stop_steps)
+    if value is None:
+        value = getattr(policy, "early_stop_steps", None)
+    return block_length if value == "block" else value
+
+
+SCHEDULES = ("llada", "dream", "spa-dream")
+
+
+def dream_transfer_count(masked: torch.Tensor, step_in_block: int, steps_per_block: int,
+                         at_least_one: bool = False, eps: float = 1e-3) -> int:  # fmt: skip
+    """Tokens Dream's schedule commits at step ``step_in_block`` of a block: ``int(m * (1 - s / t))``
+    with ``t, s`` consecutive entries of ``linspace(1, eps, steps + 1)`` and ``m`` the masked count of
+    ``masked`` (B, b) averaged over the batch (fp32, as the reference), ``int(m)`` at the last step.
+    One host read."""
+    mean = masked.sum().float().cpu() / masked.shape[0]
+    if step_in_block < steps_per_block - 1:
+        times = torch.linspace(1, eps, steps_per_block + 1)
+        count = int(mean * (1 - times[step_in_block + 1] / times[step_in_block]))
+    else:
+        count = int(mean)
+    return max(count, 1) if at_least_one else count
+
+
+def _step_count(schedule, fixed_schedule, row_counts, masked, step_in_block):
+    """The fixed-count rule's tokens this step: an int, or (B,) per row under early termination."""
+    if schedule != "llada":
+        return dream_transfer_count(masked, step_in_block, len(fixed_schedule), schedule == "spa-dream")
+    if row_counts is not None:
+        return row_counts[:, step_in_block]
+    return fixed_schedule[step_in_block]
+
+
 def _check_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
@@ -158,7 +270,8 @@ def _raise_if_nan(first_nan_step: torch.Tensor) -> None:
 
 
 def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend, eos_token_id=None):  # fmt: skip
+              temperature, backend, eos_token_id=None, certainty_prior=None, confidence="max_prob",
+              schedule="llada"):  # fmt: skip
     if not isinstance(model, DiffusionLM):
         raise TypeError(f"model: expected a DiffusionLM (see load_model), got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor):
@@ -202,6 +315,13 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
         raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
     if factor is not None and not factor > 0:
         raise ValueError(f"factor: expected a positive value, got {factor}")
+    if confidence not in MEASURES:
+        raise ValueError(f"confidence: expected one of {MEASURES}, got {confidence!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
+    sigma = certainty_prior
+    if sigma is not None and (type(sigma) not in (int, float) or sigma <= 0):
+        raise ValueError(f"certainty_prior: expected a positive sigma or None, got {certainty_prior!r}")
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if backend is not None and backend not in BACKENDS:
@@ -254,6 +374,10 @@ def generate(
     factor: float | None = None,
     temperature: float = 0.0,
     eos_token_id: int | None = None,
+    early_stop_steps: int | str | None = None,
+    certainty_prior: float | None = None,
+    confidence: str = "max_prob",
+    schedule: str = "llada",
     backend: str | None = None,
     seed: int | list[int] | torch.Tensor = 0,
     progress: bool = False,
@@ -273,8 +397,27 @@ def generate(
             int tensor; give repeated prompts different seeds to get different samples). A row's
             noise depends on its seed, the step and the position only, so a prompt samples the same
             alone and in any batch, at any position. Low 32 bits are used.
-        eos_token_id: for statistics (generated tokens are counted up to each row's first EOS);
-            default: the model's ``config.eos_token_id``.
+        eos_token_id: for statistics (generated tokens are counted up to each row's first EOS) and
+            early termination; default: the model's ``config.eos_token_id``.
+        early_stop_steps: early termination (SPA-Cache's published runs): every that many steps,
+            everything after a row's first EOS / pad (``eos_token_id`` and the config's EOS and pad
+            ids) is overwritten with pad, a block with no mask left in any row skips its remaining
+            steps, and a row with no mask left leaves the batch; under the fixed-count rule each row
+            then commits its own block's masked count over the block's steps. An int, ``"block"``
+            (the block length), or None: the policy's ``early_stop_steps`` (its presets set the
+            published value; default off). ``stats.steps`` counts the steps actually run.
+        certainty_prior: d2Cache's published decoding ("certainty prior", sigma 10): every rule ranks
+            (and thresholds) confidence times the certainty density of the decoded positions
+            around each token, computed as d2Cache's reference does (``policies.d2cache.
+            canvas_density`` over the generated region before the step); None: plain confidence.
+        confidence: what the rules rank by: "max_prob" (default; LLaDA, ``alg="maskgit_plus"``),
+            "margin" (top-1 minus top-2 probability, ``alg="topk_margin"``) or "neg_entropy"
+            (``alg="entropy"``, Dream's and Fast-dLLM-Dream's fixed-step default).
+        schedule: fixed-count tokens per step: "llada" (``b // s`` per step, remainder first),
+            "dream" (Dream's ``generation_utils``: at step i of s, ``int(m * (1 - t_{i+1} / t_i))``
+            with ``t = linspace(1, 1e-3, s + 1)`` and m the block's masked count averaged over the
+            batch, everything left at the last step; as Fast-dLLM's Dream block loop) or
+            "spa-dream" (SPA-Cache's copy of it, which commits at least one token per step).
         backend: "auto" | "triton" | "torch" for every op; None (default): ``SPACACHE_BACKEND``, else
             "auto".
         progress: show a tqdm bar over steps.
@@ -285,9 +428,13 @@ def generate(
     Raises:
         ValueError / TypeError: a bad argument (named, with what was expected).
         FloatingPointError: a step's confidences were NaN (checked once, after the loop).
+
+    Deliberate deviation from every reference: the mask token is never predicted (the references take
+    the argmax over the whole vocabulary and can "commit" the mask id, which leaves the position
+    masked; d2Cache's vanilla loop can then spin forever).
     """
     _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend, eos_token_id)  # fmt: skip
+              temperature, backend, eos_token_id, certainty_prior, confidence, schedule)  # fmt: skip
     policy = make_policy(policy)
     device = model.device
     input_ids = input_ids.to(device=device, dtype=torch.int64)
@@ -307,6 +454,8 @@ def generate(
         eos_token_id = model.config.eos_token_id  # EOS padding is not throughput
     setup_start = time.perf_counter()
     num_blocks = gen_length // block_length
+    early = _early_stop_period(early_stop_steps, policy, block_length)
+    stop_ids, stop_pad = _stop_tokens(model, eos_token_id) if early else (None, None)
     fixed = threshold is None and factor is None
     unmasking = "fixed" if fixed else ("threshold" if threshold is not None else "factor")
     policy.reset(
@@ -337,15 +486,30 @@ def generate(
     start_time = time.perf_counter()
     step = 0
     block_of_row = torch.zeros(batch, dtype=torch.int64, device=device)
-    schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
+    fixed_schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
     block_index, step_in_block = 0, 0  # host-side, meaningful in lockstep mode
     committed = None
     first_nan_step = torch.full((), -1, dtype=torch.int64, device=device)
+    row_counts = None  # (B, steps per block): fixed-count schedule per row under early termination
     while True:
-        if fixed:
+        if fixed and early:
+            if step_in_block >= len(fixed_schedule):  # the block's steps are used up
+                block_index, step_in_block = block_index + 1, 0
+            # Skip every block no row has a mask left in (one host read per step).
+            target = int(first_masked_block(tokens, prompt_len, mask_id, block_length).min())
+            if target > block_index:
+                block_index, step_in_block = target, 0
+            if block_index >= num_blocks:
+                break
+            if step_in_block == 0:
+                lo = prompt_len + block_index * block_length
+                block_masked = (tokens[:, lo : lo + block_length] == mask_id).sum(1)
+                row_counts = row_transfer_schedule(block_masked, len(fixed_schedule))
+            block_of_row.fill_(block_index)
+        elif fixed:
             if step >= steps:
                 break
-            block_index, step_in_block = divmod(step, len(schedule))
+            block_index, step_in_block = divmod(step, len(fixed_schedule))
             block_of_row.fill_(block_index)
         block_start = prompt_len + block_of_row * block_length
         state = DecodeState(
@@ -359,18 +523,32 @@ def generate(
         runtime.step(tokens, plan)
         positions = block_start[:, None] + offsets  # (B, b)
         step_seeds = _step_seeds(row_seeds, step, block_of_row, block_length) if temperature > 0 else 0
-        token, conf = runtime.decide(positions, temperature=float(temperature), seed=step_seeds)
+        token, conf = runtime.decide(
+            positions, temperature=float(temperature), seed=step_seeds, measure=confidence
+        )
         first_nan_step = _note_nan(conf, step, first_nan_step)
         current = torch.gather(tokens, 1, positions)
         masked = current == mask_id
-        if fixed:
-            commit = fixed_commit(conf, masked, schedule[step % len(schedule)])
+        if certainty_prior is not None:
+            density = canvas_density(tokens[:, prompt_len:] != mask_id, certainty_prior)
+            conf = conf * torch.gather(density, 1, positions - prompt_len)
+        forced = policy.forced_commit(state)
+        count = _step_count(schedule, fixed_schedule, row_counts, masked, step_in_block) if fixed else None
+        if forced is not None:
+            commit = _with_forced(forced & masked, conf, masked, count)
+        elif isinstance(count, torch.Tensor):
+            commit = fixed_commit_counts(conf, masked, count)
+        elif fixed:
+            commit = fixed_commit(conf, masked, count)
         elif threshold is not None:
             commit = threshold_commit(conf, masked, threshold)
         else:
             commit = factor_commit(conf, masked, factor)
         tokens.scatter_(1, positions, torch.where(commit, token, current))
         committed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, positions, commit)
+        if early and (step + 1) % early == 0:
+            # Padded positions changed token, so the policy sees them as committed.
+            committed |= early_stop_pad(tokens, prompt_len, stop_ids, stop_pad)
         policy.end_step(
             DecodeState(
                 step=step, tokens=tokens, block_start=block_start, block_length=block_length,
@@ -382,16 +560,27 @@ def generate(
         step_in_block += 1
         if bar is not None:
             bar.update(1)
-        if fixed:
+        if fixed and not early:
             continue
-        # Threshold/factor: rows advance to their next block, finished rows leave the batch.
-        block_done = ~((torch.gather(tokens, 1, positions) == mask_id).any(1))
-        if lockstep:
-            all_done = bool(block_done.all())  # the one host read per step in lockstep mode
-            block_done = block_done.new_full(block_done.shape, all_done)
-            if all_done:
-                block_index, step_in_block = block_index + 1, 0
-        block_of_row += block_done.long()
+        if early:
+            # A row's next block is its first with a mask left (padding may have emptied several).
+            nxt = first_masked_block(tokens, prompt_len, mask_id, block_length)
+            if lockstep and not fixed:
+                moved = int(nxt.min())  # the one host read per step in lockstep mode
+                if moved > block_index:
+                    block_index, step_in_block = moved, 0
+                block_of_row = torch.where(nxt >= num_blocks, nxt, torch.full_like(nxt, block_index))
+            else:
+                block_of_row = nxt
+        else:
+            # Threshold/factor: rows advance to their next block, finished rows leave the batch.
+            block_done = ~((torch.gather(tokens, 1, positions) == mask_id).any(1))
+            if lockstep:
+                all_done = bool(block_done.all())  # the one host read per step in lockstep mode
+                block_done = block_done.new_full(block_done.shape, all_done)
+                if all_done:
+                    block_index, step_in_block = block_index + 1, 0
+            block_of_row += block_done.long()
         finished = block_of_row >= num_blocks
         if bool(finished.any()):  # the one host read per step in this mode
             output[row_ids[finished]] = tokens[finished]
@@ -401,10 +590,10 @@ def generate(
             tokens, row_ids, block_of_row = tokens[keep], row_ids[keep], block_of_row[keep]
             row_seeds = row_seeds[keep]
             committed = committed[keep] if committed is not None else None
+            row_counts = row_counts[keep] if row_counts is not None else None
             runtime.drop_rows(keep)
             policy.drop_rows(keep)
-    if fixed:
-        output = tokens
+    output[row_ids] = tokens  # the rows still in the batch (finished ones were written as they left)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start_time
@@ -413,8 +602,8 @@ def generate(
     _raise_if_nan(first_nan_step)  # one read after the loop: a NaN step fails loudly, never as EOS
 
     gen = output[:, prompt_len:]
-    if eos_token_id is not None:
-        is_eos = gen == eos_token_id
+    if early or eos_token_id is not None:
+        is_eos = torch.isin(gen, stop_ids) if early else gen == eos_token_id
         first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(gen[:, 0], gen_length))
         stats.generated_tokens = int(first.sum())
     else:

@@ -33,6 +33,23 @@ from spacache_kernels.ops.norm import rms_norm
 from spacache_kernels.ops.scatter import scatter_residual, scatter_rows_
 from spacache_kernels.policies.base import CachePolicy, StepPlan
 
+MEASURES = ("max_prob", "margin", "neg_entropy")
+
+
+def confidence_measure(normed: torch.Tensor, lm_head: torch.Tensor, measure: str, temperature: float = 0.0):
+    """(B, m) "margin" or "neg_entropy" of the next-token distribution of ``normed`` (B, m, d) rows, as
+    Dream's / Fast-dLLM's ``sample_tokens`` computes them (over the whole vocabulary, mask included)."""
+    logits = normed.float() @ lm_head.float().T
+    if temperature > 0:
+        logits = logits / temperature
+    probs = torch.softmax(logits, dim=-1)
+    if measure == "margin":
+        top = probs.topk(2, dim=-1).values
+        return top[..., 0] - top[..., 1]
+    if measure == "neg_entropy":
+        return (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+    raise ValueError(f"measure: expected one of {MEASURES}, got {measure!r}")
+
 
 class DenoiseRuntime:
     """Caches and step execution for one generate() call.
@@ -76,6 +93,7 @@ class DenoiseRuntime:
         self.fresh = torch.zeros(batch, total, dtype=torch.bool, device=dev)
         self.layer_values = None  # V of the live rows while select() runs (dense-V plans)
         self.expanded = False  # whether the latest step switched to full recomputation mid-way
+        self.last_plan: StepPlan | None = None  # the plan of the latest step (decide() reads it)
         self.layer_rows = np.zeros(cfg.n_layers, dtype=np.int64)  # recomputed rows per layer (per row)
         self.flops = 0
         policy.attach(self)
@@ -145,6 +163,7 @@ class DenoiseRuntime:
         """Run one denoising step over ``tokens`` (B, T); updates caches and ``self.hidden``."""
         model, cfg, backend, policy = self.model, self.model.config, self.backend, self.policy
         lo, hi, rows = self._live(plan)
+        self.last_plan = plan
         prompt_len = self.prompt_len
         if rows is None:
             x = model.embed_tokens(tokens[:, lo:hi])  # (B, R, d)
@@ -260,15 +279,28 @@ class DenoiseRuntime:
 
     # ------------------------------------------------------------------------------------------
     def decide(
-        self, positions: torch.Tensor, *, temperature: float = 0.0, seed: int | torch.Tensor = 0
+        self,
+        positions: torch.Tensor,
+        *,
+        temperature: float = 0.0,
+        seed: int | torch.Tensor = 0,
+        measure: str = "max_prob",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Predicted token and confidence at ``positions`` (B, m) of the last computed hidden states.
 
+        measure: the confidence the unmasking rule ranks by (the references' choices): "max_prob"
+        (the chosen token's probability, fused kernel), "margin" (top-1 minus top-2 probability) or
+        "neg_entropy" (``sum p log(p + 1e-10)``); the last two are computed from the decision rows'
+        logits in fp32 (``B x m x V``, the references' own cost), with the temperature applied.
+
         Dream-style models (``config.shift_logits``) read the hidden state one position earlier, so
-        the result always means "the prediction for token ``positions``".
+        the result always means "the prediction for token ``positions``". A plan with
+        ``first_gen_own_logit`` reads generated token 0 (position ``P``) from its own position.
         """
         model, cfg = self.model, self.model.config
         src = positions - 1 if cfg.shift_logits else positions
+        if cfg.shift_logits and self.last_plan is not None and self.last_plan.first_gen_own_logit:
+            src = torch.where(positions == self.prompt_len, positions, src)
         rows = torch.gather(self.hidden, 1, src.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
         normed = rms_norm(rows, model.final_norm, cfg.norm_eps, backend=self.backend)
         self.flops += 2 * rows.shape[0] * rows.shape[1] * cfg.d_model * model.lm_head.shape[0]
@@ -276,6 +308,8 @@ class DenoiseRuntime:
             normed, model.lm_head, None, temperature=temperature, seed=seed, suppress_token=model.mask_id,
             backend=self.backend, check_indices=False,
         )  # fmt: skip
+        if measure != "max_prob":
+            conf = confidence_measure(normed, model.lm_head, measure, temperature)
         if self.policy.decide_fresh_only:
             # A stale hidden state must never be committed: its confidence drops below every fresh one.
             conf = conf.masked_fill(~torch.gather(self.fresh, 1, src), float("-inf"))

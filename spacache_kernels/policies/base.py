@@ -40,6 +40,9 @@ class StepPlan:
         ``region``: exactly these positions run (per-row sets of different sizes are padded by
         repeating a row's last position: a repeated row computes and writes identical values).
         ``select`` must return None for such plans.
+    first_gen_own_logit: shifted-logit models (Dream): predict generated token 0 from the hidden state
+        at its own position ``P`` instead of ``P - 1`` (what the references do when their logits cover
+        only the generated region, so the shift wraps token 0 onto itself).
     """
 
     region: Region
@@ -47,6 +50,7 @@ class StepPlan:
     sparse_kv: bool = False
     dense_v: bool = False
     rows: torch.Tensor | None = None
+    first_gen_own_logit: bool = False
 
 
 @dataclass
@@ -102,6 +106,12 @@ class CachePolicy:
             references' behaviour; required when the policy keys on block starts).
         decide_fresh_only: only positions whose (shift-adjusted) hidden state was recomputed in the
             step may be committed (the others hold stale states).
+        early_stop_steps: the policy's published early-termination period, used by ``generate()``
+            when its own ``early_stop_steps`` is None (an int, ``"block"``, or None: off).
+
+    Every policy inherits one deliberate deviation from the references, made in ``generate()``: the
+    mask token is never predicted (the references take the argmax over the whole vocabulary and can
+    "commit" the mask id, which leaves the position masked; d2Cache's vanilla loop can then spin).
     """
 
     name = "base"
@@ -110,6 +120,7 @@ class CachePolicy:
     needs_layer_outputs = False
     lockstep_blocks = False
     decide_fresh_only = False
+    early_stop_steps: int | str | None = None
     backend: str | None = None  # None: use generate()'s backend
 
     @classmethod
@@ -162,6 +173,14 @@ class CachePolicy:
         """True: every layer deeper than ``layer`` recomputes all positions in this step."""
         return False
 
+    def forced_commit(self, state: DecodeState) -> torch.Tensor | None:
+        """(B, block_length) bool: block positions this step commits unconditionally, or None.
+
+        When given, a threshold / factor step commits exactly these (still-masked) positions; a
+        fixed-count step commits them plus its remaining count by confidence.
+        """
+        return None
+
     def end_step(self, state: DecodeState) -> None:
         """Called after the step's commit; ``state.tokens`` / ``state.committed`` are post-commit."""
 
@@ -203,6 +222,15 @@ def check_positive_int(name: str, value) -> int:
     """``value`` as a positive int, or ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+def check_early_stop_steps(value) -> int | str | None:
+    """An early-termination period: a positive int, ``"block"`` (the block length) or None (off)."""
+    if value is None or value == "block":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"early_stop_steps: expected a positive int, 'block' or None, got {value!r}")
     return value
 
 

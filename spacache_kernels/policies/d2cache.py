@@ -22,14 +22,43 @@ Rules (ALGORITHMS.md; the authors' ``d2Cache`` class):
   4. ``inflate_w > 0``: gaps of at most ``inflate_w`` positions between two selected tokens are
      filled.
 
+Reference rules (``rules="reference"``, the default; the published numbers ran with them):
+
+* C1: the cached confidence never changes after step 0. In ``src/cache/d2cache.py`` the update's
+  ``valid_mask`` parses as ``(active_q_mask & tokens) == mask_id`` and the write goes into an
+  advanced-indexing copy (``_conf_cache[active_seq_mask][valid_mask] = ...``), so stage 1 ranks the
+  step-0 confidence times the current density.
+* C2: the density is the reference's FFT canvas (``src/utils/common.py``, :func:`canvas_density`):
+  over ``[G ones | generated | G pad]`` (pad 1 only when the last generated token is decoded),
+  normalised by the kernel's mass over the whole canvas, whatever the prompt and its padding.
+* C3: the reference narrows the caller's block mask in place (``check_can_generate``), so the search
+  window is rounded to multiples of the block's still-masked count (before the step's commit), not
+  of the block length.
+* C5: shifted logits (Dream): after the nucleus, the last prompt token's selection is *overwritten*
+  with generated token 0's (``q_mask[:, P - 1] = selected_mask[:, 0]``), not OR-ed.
+* C6 (``inflate_w > 0`` only; the published setting has 0): the reference fills the positions between
+  two selected tokens when their distance ``next - prev`` is at most ``inflate_w``, i.e. gaps of at
+  most ``inflate_w - 1`` unselected positions.
+
+``rules="corrected"`` keeps this package's earlier rules, which fix those slips: the cached confidence
+of every token that ran is refreshed, the density is taken over the real positions (prompt counted
+as decoded, left padding left out) and normalised over them, the window is rounded to the block
+length, the selection of ``P - 1`` is OR-ed, and ``inflate_w`` fills gaps of up to ``inflate_w``
+positions. It is not the published method.
+
+The published decoding (``configs/gen_args.py``, ``src/generation/vanilla.py``) ranks by confidence
+times the same canvas density ("certainty prior", sigma 10): ``generate(..., certainty_prior=10.0)``.
+
 Defaults: k 32, sigma 10, rollout_p 0.1, inflate_w 0; the paper decodes one token per step with one
-block spanning the whole answer (gen 256, steps 256, block 256).
+block spanning the whole answer (gen 256, steps 256, block 256) and the certainty prior.
 
 Rollout without T x T products: only the column sums ``1^T M_L ... M_1`` are needed, so the policy
 keeps each layer's head-averaged probability rows of the tokens that ran (n x T) and multiplies a row
 vector through the layers from the last one down: ``v <- v M_l`` touches only the n non-identity rows,
 O(L n T) per step instead of the reference's O(L T^3), and exact (tested against the explicit product).
-Deviation: the block bonus uses the row's own maximum score rather than the maximum over the batch
+Deviations: the mask token is never predicted (the reference's argmax runs over the whole vocabulary
+and can "commit" the mask id, which leaves the position masked and can make the vanilla loop spin);
+the block bonus uses the row's own maximum score rather than the maximum over the batch
 (the ranking inside a row is the same), so a batch decodes like its rows would alone.
 """
 
@@ -41,6 +70,8 @@ import torch
 
 from spacache_kernels.policies._rows import distinct_rows, rows_from_mask
 from spacache_kernels.policies.base import CachePolicy, DecodeState, StepPlan, check_positive_int
+
+RULES = ("reference", "corrected")
 
 
 def certainty_density(
@@ -58,6 +89,25 @@ def certainty_density(
     kernel = torch.exp(-(dist**2) / (2 * sigma**2)) * valid[:, None, :]
     m = torch.cat([decoded.new_ones(batch, prompt_len), decoded], dim=1).float()  # (B, T)
     return torch.einsum("bgt,bt->bg", kernel, m) / kernel.sum(dim=-1)
+
+
+def canvas_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, G) certainty density as d2Cache's reference computes it (``src/utils/common.py``).
+
+    decoded: (B, G) bool over the generated region. The canvas is ``[G ones | decoded | G pad]`` with
+    the pad 1 only where the last generated token is decoded; ``d_i = sum_j c_j K(i + G - j) / Z``
+    with ``K(D) = exp(-D^2 / (2 sigma^2))`` and ``Z = sum_{D=-3G}^{3G-1} K(D)`` (the reference's
+    circular FFT normalises by the whole period's kernel mass). Computed directly, O(G^2), no FFT.
+    """
+    batch, gen_len = decoded.shape
+    pad = decoded[:, -1:].float().expand(-1, gen_len)
+    canvas = torch.cat([decoded.new_ones(batch, gen_len).float(), decoded.float(), pad], dim=1)  # (B, 3G)
+    offsets = torch.arange(gen_len, device=decoded.device, dtype=torch.float64)
+    j = torch.arange(3 * gen_len, device=decoded.device, dtype=torch.float64)
+    kernel = torch.exp(-((offsets[:, None] + gen_len - j[None, :]) ** 2) / (2 * sigma**2))  # (G, 3G)
+    dist = torch.arange(-3 * gen_len, 3 * gen_len, device=decoded.device, dtype=torch.float64)
+    mass = torch.exp(-(dist**2) / (2 * sigma**2)).sum()
+    return (canvas.double() @ kernel.T / mass).float()
 
 
 def rollout_importance(
@@ -116,6 +166,8 @@ class D2Cache(CachePolicy):
         inflate_w: fill gaps up to this width between selected tokens (0: off).
         refresh_interval: also run every token every this many steps (None: only at step 0, as the
             reference; an extension for long generations and for testing).
+        rules: "reference" (C1-C3, C5, C6 of the module docstring, the published method) or
+            "corrected".
     """
 
     name = "d2cache"
@@ -129,8 +181,12 @@ class D2Cache(CachePolicy):
         rollout_p: float = 0.1,
         inflate_w: int = 0,
         refresh_interval: int | None = None,
+        rules: str = "reference",
         backend=None,
     ):
+        if rules not in RULES:
+            raise ValueError(f"rules: expected one of {RULES}, got {rules!r}")
+        self.rules = rules
         self.k = check_positive_int("k", k)
         if refresh_interval is not None:
             refresh_interval = check_positive_int("refresh_interval", refresh_interval)
@@ -154,6 +210,7 @@ class D2Cache(CachePolicy):
         self.shift = bool(model.config.shift_logits)
         self.next_rows: torch.Tensor | None = None
         self.conf = torch.zeros(shape.batch, shape.gen_len, device=shape.device)
+        self._conf_set = False  # reference rule C1: the cached confidence is the step-0 one
         self._layer_probs: list = []
 
     def plan(self, step: int) -> StepPlan:
@@ -174,6 +231,14 @@ class D2Cache(CachePolicy):
             return StepPlan(region="all", kind="full")
         return StepPlan(region="all", kind="sparse", rows=self._ran)
 
+    def begin_step(self, state: DecodeState) -> None:
+        super().begin_step(state)
+        # C3 needs the block's still-masked positions before this step commits (tokens change in place).
+        lo = (state.block_start - self.shape.prompt_len).unsqueeze(1)
+        cols = lo + torch.arange(state.block_length, device=lo.device)
+        gen = state.tokens[:, self.shape.prompt_len :]
+        self._block_masked = torch.gather(gen, 1, cols.clamp_max(gen.shape[1] - 1)) == state.mask_id
+
     def attention_rows(self, layer, plan):
         return self._query_rows  # every query row of the step
 
@@ -187,23 +252,17 @@ class D2Cache(CachePolicy):
         prompt_len, gen_len = self.shape.prompt_len, self.shape.gen_len
         runtime, tokens = self.runtime, state.tokens
         batch, total = tokens.shape
-        # Refresh the cached confidence of every generated token whose logits this step recomputed
-        # (the LM head only over the rows that ran).
-        ran = self._ran
-        target = ran + 1 if self.shift else ran  # the token each row's logits predict
-        valid = (target >= prompt_len) & (target < total)
-        target = target.clamp(prompt_len, total - 1)
-        _, conf = runtime.decide(target)
-        # Invalid entries (prompt rows, clamped) write into a spare last column that is dropped.
-        slot = torch.where(valid, target - prompt_len, gen_len)
-        padded = torch.cat([self.conf, self.conf.new_zeros(batch, 1)], dim=1)
-        # A token whose logits came from a stale state has confidence -inf; it scores as 0 here.
-        conf = torch.nan_to_num(conf.float(), neginf=0.0)
-        self.conf = padded.scatter(1, slot, conf)[:, :gen_len]
-        self.flops += 2 * target.numel() * self.model.config.d_model * self.model.lm_head.shape[0]
+        reference = self.rules == "reference"
+        if not (reference and self._conf_set):
+            self._refresh_confidence(runtime, batch, total)
+        self._conf_set = True
 
         remaining = tokens[:, prompt_len:] == state.mask_id  # (B, G) after this step's commit
-        block = state.block_length
+        # C3: the reference rounds the window to the block's still-masked count (before this commit).
+        if reference:
+            block = self._block_masked.sum(1).clamp_min(1)
+        else:
+            block = torch.full_like(state.block_start, state.block_length)
         meets = remaining.long().cumsum(dim=1) >= self.k
         first_end = torch.where(
             meets.any(1), meets.long().argmax(1), torch.full_like(meets[:, 0], gen_len - 1, dtype=torch.long)
@@ -211,13 +270,16 @@ class D2Cache(CachePolicy):
         search_end = (first_end // block + 1) * block - 1
         block_start = (state.block_start - prompt_len).unsqueeze(1)
         col = torch.arange(gen_len, device=tokens.device).unsqueeze(0)
-        in_block = (col >= block_start) & (col < block_start + block)
+        in_block = (col >= block_start) & (col < block_start + state.block_length)
         window = (col >= block_start) & (col <= search_end.unsqueeze(1))
 
         valid = (
             torch.ones_like(tokens, dtype=torch.bool) if runtime.key_padding is None else ~runtime.key_padding
         )
-        density = certainty_density(~remaining, runtime.positions, valid, prompt_len, self.sigma)
+        if reference:
+            density = canvas_density(~remaining, self.sigma)
+        else:
+            density = certainty_density(~remaining, runtime.positions, valid, prompt_len, self.sigma)
         scores = self.conf * density
         scores = torch.where(in_block, scores + scores.max(dim=1, keepdim=True).values, scores)
         scores = scores.masked_fill(~(window & remaining), float("-inf"))
@@ -234,16 +296,38 @@ class D2Cache(CachePolicy):
         if self.rollout_p > 0 and self._layer_probs:
             importance = rollout_importance(self._layer_probs, valid)
             selected |= nucleus(importance, ~selected & valid, self.rollout_p)
-        selected = inflate(selected, self.inflate_w)
+        if self.shift and reference:  # C5: overwritten, not OR-ed, after the nucleus
+            selected[:, prompt_len - 1] = chosen[:, 0]
+        # C6: the reference fills a gap when ``next - prev <= w``, i.e. gaps of at most w - 1 positions.
+        selected = inflate(selected, self.inflate_w - 1 if reference else self.inflate_w)
         self.next_rows = rows_from_mask(selected)
         self._layer_probs = []
 
+    def _refresh_confidence(self, runtime, batch: int, total: int) -> None:
+        """Refresh the cached confidence of every generated token whose logits this step recomputed
+        (the LM head only over the rows that ran)."""
+        prompt_len, gen_len = self.shape.prompt_len, self.shape.gen_len
+        ran = self._ran
+        target = ran + 1 if self.shift else ran  # the token each row's logits predict
+        valid = (target >= prompt_len) & (target < total)
+        target = target.clamp(prompt_len, total - 1)
+        _, conf = runtime.decide(target)
+        # Invalid entries (prompt rows, clamped) write into a spare last column that is dropped.
+        slot = torch.where(valid, target - prompt_len, gen_len)
+        padded = torch.cat([self.conf, self.conf.new_zeros(batch, 1)], dim=1)
+        # A token whose logits came from a stale state has confidence -inf; it scores as 0 here.
+        conf = torch.nan_to_num(conf.float(), neginf=0.0)
+        self.conf = padded.scatter(1, slot, conf)[:, :gen_len]
+        self.flops += 2 * target.numel() * self.model.config.d_model * self.model.lm_head.shape[0]
+
     def drop_rows(self, keep) -> None:
         self.conf = self.conf[keep]
+        self._block_masked = self._block_masked[keep]
         if self.next_rows is not None:
             self.next_rows = self.next_rows[keep]
 
     def __repr__(self) -> str:
         return (
-            f"D2Cache(k={self.k}, sigma={self.sigma}, rollout_p={self.rollout_p}, inflate_w={self.inflate_w})"
+            f"D2Cache(k={self.k}, sigma={self.sigma}, rollout_p={self.rollout_p}, "
+            f"inflate_w={self.inflate_w}, rules={self.rules!r})"
         )

@@ -14,6 +14,9 @@ Rules (ALGORITHMS.md; the authors' LLaDA decode script):
 
 Only tokens recomputed in a step may be committed (``decide_fresh_only``); the reference gives the
 others confidence ``-inf``. Blocks advance in lockstep across the batch.
+
+Deliberate deviation: the mask token is never predicted (the reference's argmax runs over the whole
+vocabulary and can "commit" the mask id, leaving the position masked).
 """
 
 from __future__ import annotations

@@ -19,7 +19,9 @@ Rules (ALGORITHMS.md):
 Deviations: a drift trigger in any batch row expands the deeper layers of the whole batch (the
 reference decodes one sequence at a time; the per-row decision would need ragged layer work). A
 newly tracked token has no cached row yet; its first comparison happens the step after it becomes
-tracked. Expanded layers also refresh the tracked rows' cached attention.
+tracked. Expanded layers also refresh the tracked rows' cached attention. The mask token is never
+predicted (the reference's argmax runs over the whole vocabulary and can "commit" the mask id,
+leaving the position masked).
 """
 
 from __future__ import annotations
