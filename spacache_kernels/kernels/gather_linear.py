@@ -70,7 +70,6 @@ GROUP_M = 8  # tiles of rows sharing one weight column band in L2
 _LINEAR_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
@@ -99,8 +98,10 @@ _SWIGLU_CONFIGS = [
 # fp32 RoPE tiles: a 32-deep K step keeps the two fp32 accumulators and weight tiles in registers.
 _ROPE_PRUNE = prune_by_target(
     upcast=[triton.Config({"BLOCK_M": 16, "HEAD_GROUPS": 1, "BLOCK_K": 32}, num_warps=4, num_stages=2)],
-    hopper_only=(0, 3, 4),  # spill on sm_80 (4-180 B): the two accumulators need sm_90's registers
+    hopper_only=(3, 4),  # spill on sm_80 (44-188 B): the two accumulators need sm_90's registers
+    cpu_only=(0,),  # spills 12 B on sm_90 under triton 3.6 (and 4 B on sm_80)
 )
+_LINEAR_PRUNE = prune_by_target(hopper_only=(3,))  # 64x128 with 4 stages spills 16 B on sm_80 (triton 3.6)
 _SWIGLU_PRUNE = prune_by_target(hopper_only=(5,))  # 128x128 spills on sm_80
 
 # The autotune keys bucket the row count to a power of two: k changes per layer and per step, and
@@ -183,7 +184,7 @@ def _dual_gemm(
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(_LINEAR_CONFIGS), key=_KEY, prune_configs_by=prune_by_target())
+@triton.autotune(configs=autotune_configs(_LINEAR_CONFIGS), key=_KEY, prune_configs_by=_LINEAR_PRUNE)
 @triton.jit
 def _gather_linear_kernel(
     x_ptr,
