@@ -12,9 +12,11 @@ no network, no install step) from the repository root with ``PYTHONPATH=.``, in 
    ``--gen-length`` tokens so that the whole check fits its budget.
 4. ``autotune``: the config each autotuned kernel chose for every key the e2e runs produced.
 
-Every stage has a time limit; a stage that fails or times out is reported and the next one still
-runs. The JSON (``bench/results/gpu-check-<stamp>.json``) holds everything; a short table is printed
-last. ``--dry-run`` prints the plan without touching a GPU (the CPU tests use it).
+Every stage has a time limit (``--<stage>-limit``; the e2e stage passes a sixth of its limit to
+each ``generate()`` call as bench.e2e's ``--run-timeout``); a stage that fails or times out is
+reported and the next one still runs. The JSON (``bench/results/gpu-check-<stamp>.json``) holds
+everything; a short table is printed last. ``--dry-run`` prints the plan without touching a GPU
+(the CPU tests use it).
 """
 
 from __future__ import annotations

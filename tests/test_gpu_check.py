@@ -75,3 +75,12 @@ def test_summary_table_renders_every_section():
     spa = next(line for line in lines if line.startswith("spa"))
     assert spa.split()[:9] == ["spa", "16", "48.0", "21.5", "44.8", "333.0", "2.5", "0.98", "-"]
     assert any("_gather_linear_kernel" in line and '"BLOCK_M": 64' in line for line in lines)
+
+
+def test_without_cuda_it_refuses_to_run(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: main() would run the whole check")
+    assert gpu_check.main(["--stages", "tests"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
