@@ -194,13 +194,16 @@ def make_sort(rng: random.Random, length: int = SORT_LENGTH) -> Problem:
 
 
 def make_chain(rng: random.Random, length: int = CHAIN_LENGTH) -> Problem:
-    """``s=`` with s ``length`` uniform random digits; answer the running sums of s modulo 10.
+    """``s=`` with s ``length`` random digits; answer the running sums of s modulo 10.
 
     A multi-step arithmetic chain: answer digit j is ``(answer[j-1] + s[j]) % 10``, so each step needs
     the previous *generated* token as well as the prompt; a cache that keeps stale features of answer
-    tokens decoded in earlier blocks breaks the chain.
+    tokens decoded in earlier blocks breaks the chain. Half of the digits are 0 (the others uniform in
+    1..9): an all-uniform chain gives a small model no gradient until it attends to both inputs at once
+    (the sum mod 10 of two unknowns is uniform given either), while "a zero repeats the previous sum"
+    is learnable alone and leads it to the prompt digit.
     """
-    digits = [rng.randrange(10) for _ in range(length)]
+    digits = [0 if rng.random() < 0.5 else rng.randrange(1, 10) for _ in range(length)]
     sums, total = [], 0
     for d in digits:
         total = (total + d) % 10
