@@ -1,13 +1,22 @@
-"""Train the tiny LLaDA-layout masked diffusion LM shipped in ``checkpoints/tiny-dlm``.
+"""Train the tiny LLaDA-layout masked diffusion LMs shipped in ``checkpoints/tiny-dlm`` and ``-deep``.
 
     .venv/bin/python -m bench.train_tiny_dlm --out checkpoints/tiny-dlm --steps 1500 --max-minutes 28 \\
         --eval-every 250 --threads 1 --log-every 10
 
-is the command that produced the shipped checkpoint (recorded in its ``training.json``): 1500 steps,
-22 minutes on a shared 2-core CPU including the periodic evaluations. One intra-op thread was several
-times faster than two there because other processes held the cores (OpenMP threads spin at barriers);
-on an idle machine ``--threads 2`` is the faster choice. ``--seed`` fixes the initialization, the problem
-streams and the masks (CPU float results can still differ across thread counts).
+is the command that produced ``checkpoints/tiny-dlm`` (4 layers; tasks ``add`` and ``copy``; recorded in
+its ``training.json``): 1500 steps, 22 minutes on a shared 2-core CPU including the periodic
+evaluations. ``checkpoints/tiny-dlm-deep`` (8 layers; tasks ``sort`` and ``chain``, answers over several
+blocks) came from
+
+    .venv/bin/python -m bench.train_tiny_dlm --out checkpoints/tiny-dlm-deep --tasks sort,chain \\
+        --n-layers 8 --steps 1700 --max-minutes 44 --eval-every 400 --eval-problems 32 \\
+        --final-eval 256 --threads 1 --log-every 20 --task-batch 32
+
+(its ``training.json`` has the steps reached and the time). One intra-op thread was several times
+faster than two there because other processes held the cores (OpenMP threads spin at barriers); on an
+idle machine ``--threads 2`` is the faster choice. ``--seed`` fixes the initialization, the problem
+streams and the masks (CPU float results can still differ across thread counts); ``--max-minutes``
+stops early, so on a busier machine the same command may stop at fewer steps.
 
 Model: LLaDA's block exactly (bidirectional attention, RMSNorm, SwiGLU ``silu(ff_proj(x)) *
 up_proj(x)``, rotate-half RoPE, no biases, untied LM head), written in plain PyTorch with LLaDA's
@@ -20,11 +29,11 @@ eps``; each *answer* token (the answer and its EOS padding; the prompt is never 
 ``<mask>`` with probability ``p``; the loss is the cross-entropy on the masked tokens weighted by
 ``1 / p``, summed per sequence, divided by the sequence's answer length and averaged over the batch.
 
-Tasks (``spacache_kernels.tiny_dlm``): 4-digit addition and 64-letter copy, one batch of each per
-optimizer step, fresh problems every step from ``TRAIN_SEED``. Exact-match accuracy under vanilla
-decoding (``generate(..., policy="vanilla", backend="torch")``, one token per step) is measured on
-held-out problems from ``EVAL_SEED`` during training and at the end, and written to
-``checkpoints/tiny-dlm/training.json``.
+Tasks (``spacache_kernels.tiny_dlm``, ``--tasks``; default 4-digit addition and 64-letter copy): one
+batch of each per optimizer step, fresh problems every step from ``TRAIN_SEED``. Exact-match accuracy
+under vanilla decoding (``generate(..., policy="vanilla", backend="torch")``, one token per step) is
+measured on held-out problems from ``EVAL_SEED`` during training and at the end, and written to the
+checkpoint's ``training.json`` (with the task list, which ``tiny_dlm.checkpoint_tasks`` reads).
 """
 
 from __future__ import annotations
