@@ -282,6 +282,43 @@ def format_aup(reports: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def losses(report: dict, min_drop: int = 2) -> dict[str, list[tuple[str, float, float]]]:
+    """Per task: ``(setting, accuracy, accuracy of vanilla under the same unmasking rule)`` for every
+    setting at least ``min_drop`` problems below that vanilla, largest loss first. Comparing with the
+    same rule separates what the cache costs from what parallel unmasking costs."""
+    ok = [r for r in report["rows"] if "error" not in r]
+    ref = {r["threshold"]: r for r in ok if r["policy"] == "vanilla"}
+    out = {}
+    for task in report["counts"]:
+        found = []
+        for r in ok:
+            base = ref.get(r["threshold"])
+            if base is None or r is base:
+                continue
+            drop = base["tasks"][task]["correct"] - r["tasks"][task]["correct"]
+            if drop >= min_drop:
+                found.append((r["setting"], r["tasks"][task]["accuracy"], base["tasks"][task]["accuracy"]))
+        out[task] = sorted(found, key=lambda f: f[1] - f[2])
+    return out
+
+
+def format_losses(reports: list[dict]) -> str:
+    """Markdown bullets: per checkpoint and task, vanilla under both rules, then the settings that lose."""
+    lines = []
+    for rep in reports:
+        ok = [r for r in rep["rows"] if "error" not in r]
+        ref = {r["threshold"]: r for r in ok if r["policy"] == "vanilla"}
+        for task, found in losses(rep).items():
+            base = ", ".join(
+                f"{'fixed' if thr is None else f't={thr:g}'} {r['tasks'][task]['accuracy']:.3f}"
+                for thr, r in ref.items()
+            )
+            lost = "; ".join(f"{name} {acc - ref_acc:+.3f} ({acc:.3f})" for name, acc, ref_acc in found)
+            lost = lost or "no setting loses two or more problems"
+            lines.append(f"* `{rep['name']}` {task} (vanilla: {base}): {lost}")
+    return "\n".join(lines)
+
+
 def plot(reports: list[dict], path: pathlib.Path) -> None:
     """Accuracy vs forward-FLOPs ratio: one panel per (checkpoint, task), one colour per policy (filled:
     fixed count, hollow: threshold), 95% intervals as error bars, SPA's ratio sweep dashed."""
@@ -455,6 +492,13 @@ committing several tokens per forward without losing accuracy (`bench.eval.aup`)
 
 {format_aup(reports)}
 
+## Where accuracy is lost
+
+Settings at least two problems below vanilla decoding under the same unmasking rule (accuracy
+difference, then accuracy), largest loss first (`bench.eval.losses`):
+
+{format_losses(reports)}
+
 ## Results
 
 ![accuracy vs FLOPs](img/{PLOT.name})
@@ -571,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in reports:
         print(f"\n{rep['name']}\n" + format_table(rep["rows"], list(rep["counts"])))
     print("\nAUP-style scores\n" + format_aup(reports))
+    print("\nLosses against vanilla under the same rule\n" + format_losses(reports))
     print(f"\nJSON: {out_json}  ({meta['seconds']:.0f} s)")
     if not args.no_doc:
         plot(reports, PLOT)

@@ -252,3 +252,28 @@ def test_heldout_addition_problems_were_not_trained_on():
     seen = {TASKS["add"].make(rng).prompt for _ in range(training["steps"] * training["batch_sizes"]["add"])}
     assert len(seen) > 100_000
     assert not {p.prompt for p in heldout_problems("add", 256)} & seen
+
+
+def test_losses_compare_with_vanilla_under_the_same_rule():
+    from bench.eval import format_losses, losses
+
+    def row(setting, policy, threshold, correct):
+        return {"setting": setting, "policy": policy, "kwargs": {}, "threshold": threshold,
+                "tasks": {"sort": {"correct": correct, "accuracy": correct / 10}}}  # fmt: skip
+
+    report = {
+        "name": "ck",
+        "counts": {"sort": 10},
+        "rows": [
+            row("vanilla", "vanilla", None, 10),
+            row("a", "a", None, 7),  # 3 below vanilla fixed
+            row("b", "b", None, 9),  # 1 below: not listed
+            row("vanilla t=0.9", "vanilla", 0.9, 6),
+            row("a t=0.9", "a", 0.9, 5),  # 1 below vanilla t=0.9 (4 below fixed): not listed
+            row("b t=0.9", "b", 0.9, 2),  # 4 below vanilla t=0.9
+            {"setting": "broken", "policy": "broken", "kwargs": {}, "threshold": None, "error": "x"},
+        ],
+    }
+    assert losses(report) == {"sort": [("b t=0.9", 0.2, 0.6), ("a", 0.7, 1.0)]}
+    text = format_losses([report])
+    assert text == "* `ck` sort (vanilla: fixed 1.000, t=0.9 0.600): b t=0.9 -0.400 (0.200); a -0.300 (0.700)"
