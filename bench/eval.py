@@ -44,7 +44,7 @@ SPA_RATIOS = (0.1, 0.5, 1.0)  # with the default row (max_update_ratio 0.25) the
 THRESHOLD = 0.9
 # Held-out problems per task (``make eval`` defaults), sized so that the whole run takes about a quarter
 # of an hour of one CPU core; docs/quality.md lists the interval half-widths they give.
-COUNTS = {"add": 256, "copy": 64, "sort": 96, "chain": 96}
+COUNTS = {"add": 256, "copy": 64, "sort": 96, "count": 96, "chain": 96}
 AUP_ALPHA = 3.0  # steepness of the accuracy penalty in aup()
 
 
@@ -446,11 +446,11 @@ Tasks (every prompt has a fixed length; the answer is followed by EOS up to gen_
 
 * `add`: 4-digit addition, `0123+4567=` -> `04690`; gen_length 8, one block of 8.
 * `copy`: copy a random 64-letter string; gen_length 72, blocks of 8.
-* `sort`: sort 24 random digits, `3140...=` -> `0113...`; gen_length 64, blocks of 16. Every answer
+* `sort`: sort 24 random digits, `3140...=` -> `0113...`; gen_length 64, blocks of 8. Every answer
   token depends on the whole prompt (how many digits are smaller).
-* `chain`: running sums modulo 10 of 32 random digits, `3140...=` -> `3448...`; gen_length 64, blocks
-  of 8. Each answer digit is the previous *generated* digit plus one prompt digit, so the answer runs
-  across four blocks and a stale feature of an earlier block's token breaks the chain.
+* `count`: running count of the 1s of 32 random bits modulo 10, `1011...=` -> `1123...`; gen_length
+  64, blocks of 8. Each answer digit is the previous *generated* digit plus one prompt bit, so the
+  answer runs across four blocks and a stale feature of an earlier block's token breaks the chain.
 
 Training:
 

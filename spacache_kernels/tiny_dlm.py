@@ -36,6 +36,7 @@ ADD_DIGITS = 4
 COPY_LENGTH = 64
 SORT_LENGTH = 24
 CHAIN_LENGTH = 32
+COUNT_LENGTH = 32
 
 
 class CharTokenizer:
@@ -211,12 +212,29 @@ def make_chain(rng: random.Random, length: int = CHAIN_LENGTH) -> Problem:
     return Problem("chain", "".join(map(str, digits)) + "=", "".join(map(str, sums)))
 
 
+def make_count(rng: random.Random, length: int = COUNT_LENGTH) -> Problem:
+    """``s=`` with s ``length`` uniform random bits; answer the running count of 1s modulo 10.
+
+    The simplest arithmetic chain: answer digit j is ``answer[j-1] + s[j]`` modulo 10, a successor step
+    gated by one prompt bit, so each step depends on the previous *generated* digit (counting the 1s of
+    the prompt directly is the hard way). The shipped deep checkpoint learned this within its budget;
+    ``chain`` (a 10 x 10 addition table per step) it did not.
+    """
+    bits = [rng.randrange(2) for _ in range(length)]
+    counts, total = [], 0
+    for b in bits:
+        total = (total + b) % 10
+        counts.append(total)
+    return Problem("count", "".join(map(str, bits)) + "=", "".join(map(str, counts)))
+
+
 TASKS: dict[str, Task] = {
     "add": Task("add", 2 * ADD_DIGITS + 2, ADD_DIGITS + 1, 8, 8, make_add),
     "copy": Task("copy", COPY_LENGTH + 1, COPY_LENGTH, COPY_LENGTH + 8, 8, make_copy),
     # the deeper checkpoint's tasks (checkpoints/tiny-dlm-deep): answers over several blocks
-    "sort": Task("sort", SORT_LENGTH + 1, SORT_LENGTH, 64, 16, make_sort),
+    "sort": Task("sort", SORT_LENGTH + 1, SORT_LENGTH, 64, 8, make_sort),
     "chain": Task("chain", CHAIN_LENGTH + 1, CHAIN_LENGTH, 64, 8, make_chain),
+    "count": Task("count", COUNT_LENGTH + 1, COUNT_LENGTH, 64, 8, make_count),
 }
 
 # Seeds of the problem streams: training draws from TRAIN_SEED, evaluation from EVAL_SEED; a
@@ -317,6 +335,7 @@ __all__ = [
     "ADD_DIGITS",
     "CHAIN_LENGTH",
     "COPY_LENGTH",
+    "COUNT_LENGTH",
     "CharTokenizer",
     "EVAL_SEED",
     "Problem",

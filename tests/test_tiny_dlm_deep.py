@@ -1,4 +1,4 @@
-"""The deeper shipped checkpoint ``checkpoints/tiny-dlm-deep``: 8 layers, multi-block ``sort`` and ``chain``.
+"""The deeper shipped checkpoint ``checkpoints/tiny-dlm-deep``: 8 layers, multi-block ``sort`` and ``count``.
 
 Fast on purpose (CI on a 2-core CPU): a few held-out problems per task on the torch backend. Checks that
 the checkpoint loads through ``load_model``, that vanilla decoding reaches the accuracy documented in its
@@ -33,12 +33,13 @@ from spacache_kernels.tiny_dlm import (
     exact_match,
     heldout_problems,
     make_chain,
+    make_count,
     make_sort,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "tiny-dlm-deep"
-N_PROBLEMS = {"sort": 12, "chain": 12}
+N_PROBLEMS = {"sort": 12, "count": 12}
 MARGIN = 0.2  # two misses of 12 below the documented held-out accuracy (itself >= 0.8)
 N_EQUAL = 2  # problems per task for the refresh-every-step equality (each policy decodes them once)
 
@@ -74,7 +75,7 @@ def test_checkpoint_is_deep_and_loads(model, tok, training):
     assert model.config.arch == "llada" and model.config.n_layers == config["n_layers"]
     assert model.mask_id == tok.mask_token_id and model.config.vocab_size == tok.vocab_size
     assert checkpoint_tasks(CHECKPOINT) == list(N_PROBLEMS)
-    assert training["seed"] == 0 and "--tasks sort,chain" in training["command"]
+    assert training["seed"] == 0 and "--tasks sort,count" in training["command"]
     for task in N_PROBLEMS:
         spec = TASKS[task]
         assert 64 <= spec.gen_length <= 256 and 8 <= spec.block_length <= 32
@@ -94,13 +95,19 @@ class _Draws:
         return 0.9
 
 
-def test_sort_and_chain_answers_on_hand_built_prompts():
+def test_sort_count_and_chain_answers_on_hand_built_prompts():
     sort = make_sort(_Draws([3, 1, 4, 1, 5, 9]), length=6)
     assert (sort.prompt, sort.answer) == ("314159=", "113459")
     chain = make_chain(_Draws([3, 1, 4, 1, 5, 9]), length=6)
     assert (chain.prompt, chain.answer) == ("314159=", "348943")  # 3, 3+1, 4+4, 8+1, 9+5=14, 4+9=13
     for p in heldout_problems("sort", 20):
         assert p.answer == "".join(sorted(p.prompt[:-1])) and len(p.answer) == TASKS["sort"].answer_length
+    count = make_count(_Draws([1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1]), length=13)
+    assert (count.prompt, count.answer) == ("1011111111101=", "1123456789001")  # 10 wraps to 0
+    for p in heldout_problems("count", 20):
+        bits = [int(c) for c in p.prompt[:-1]]
+        assert set(bits) <= {0, 1} and len(bits) == TASKS["count"].answer_length
+        assert [int(c) for c in p.answer] == [sum(bits[: i + 1]) % 10 for i in range(len(bits))]
     zeros = 0
     for p in heldout_problems("chain", 20):
         digits = [int(c) for c in p.prompt[:-1]]
