@@ -46,6 +46,7 @@ THRESHOLD = 0.9
 # of an hour of one CPU core; docs/quality.md lists the interval half-widths they give.
 COUNTS = {"add": 256, "copy": 64, "sort": 96, "count": 96, "chain": 96}
 AUP_ALPHA = 3.0  # steepness of the accuracy penalty in aup()
+SOLVED = 0.8  # documented vanilla exact match below which a checkpoint's task is not evaluated
 
 
 Setting = tuple[str, str, dict, "float | None"]  # (label, registry name, constructor kwargs, threshold)
@@ -419,6 +420,11 @@ def write_doc(reports: list[dict], meta: dict) -> None:
         f"* `{rep['name']}`: {rep['model']}; tasks {', '.join(rep['counts'])}." for rep in reports
     )
     trainings = "\n".join(f"* {_training_line(rep['name'], rep.get('training'))}" for rep in reports)
+    skipped = "".join(
+        f"\n* `{rep['name']}` {task}: not evaluated, its documented vanilla exact match {acc:.3f} is below "
+        f"{SOLVED:g} (a task the model does not solve cannot show what a cache loses)."
+        for rep in reports for task, acc in rep.get("skipped", {}).items()
+    )  # fmt: skip
     sizes = "\n".join(
         f"* `{rep['name']}`: " + ", ".join(f"{n} {t}" for t, n in rep["counts"].items())
         + f" problems (seed `EVAL_SEED`); 95% interval half-widths: {_halfwidths(rep)}; "
@@ -458,7 +464,7 @@ Training:
 
 Held-out sets and run time:
 
-{sizes}
+{sizes}{skipped}
 
 Settings: every policy of `spacache_kernels.policies.POLICIES` at its defaults under fixed-count
 unmasking (one token per step, steps = gen_length; rows named by the policy) and under Fast-dLLM's
@@ -547,6 +553,22 @@ accelerate launch --num_processes 8 -m lm_eval --model spacache --model_args $LL
     DOC.write_text(text)
 
 
+def solved_tasks(checkpoint: pathlib.Path, tasks: list[str], bar: float = SOLVED) -> tuple[list, dict]:
+    """Split a checkpoint's tasks by the vanilla accuracy its ``training.json`` documents: a task the
+    model does not solve (below ``bar``) cannot show what a cache loses, so it is left out of the
+    evaluation. Returns ``(kept task names, {skipped task: documented accuracy})``."""
+    path = checkpoint / "training.json"
+    documented = json.loads(path.read_text()).get("final_vanilla_accuracy", {}) if path.is_file() else {}
+    kept, skipped = [], {}
+    for task in tasks:
+        acc = documented.get(task, {}).get("accuracy")
+        if acc is not None and acc < bar:
+            skipped[task] = acc
+        else:
+            kept.append(task)
+    return kept, skipped
+
+
 def _parse_counts(items: list[str]) -> dict[str, int]:
     counts = dict(COUNTS)
     for item in items:
@@ -579,9 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     reports = []
     for checkpoint in checkpoints:
-        tasks = checkpoint_tasks(checkpoint)
+        tasks, skipped = solved_tasks(checkpoint, checkpoint_tasks(checkpoint))
         t0 = time.perf_counter()
-        print(f"[eval] {checkpoint.name}: tasks {tasks}", flush=True)
+        print(f"[eval] {checkpoint.name}: tasks {tasks}, skipped (unsolved) {skipped}", flush=True)
         report = evaluate(checkpoint, {t: counts[t] for t in tasks}, args.batch_size, args.threads)
         cfg = json.loads((checkpoint / "config.json").read_text())
         training_path = checkpoint / "training.json"
@@ -594,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             training=json.loads(training_path.read_text()) if training_path.is_file() else None,
             seconds=round(time.perf_counter() - t0, 1),
+            skipped=skipped,
         )
         reports.append(report)
     meta = {

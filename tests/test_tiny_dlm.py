@@ -277,3 +277,12 @@ def test_losses_compare_with_vanilla_under_the_same_rule():
     assert losses(report) == {"sort": [("b t=0.9", 0.2, 0.6), ("a", 0.7, 1.0)]}
     text = format_losses([report])
     assert text == "* `ck` sort (vanilla: fixed 1.000, t=0.9 0.600): b t=0.9 -0.400 (0.200); a -0.300 (0.700)"
+
+
+def test_eval_skips_tasks_the_checkpoint_does_not_solve(tmp_path):
+    from bench.eval import solved_tasks
+
+    accuracy = {"sort": {"accuracy": 0.5}, "count": {"accuracy": 0.8}}
+    (tmp_path / "training.json").write_text(json.dumps({"final_vanilla_accuracy": accuracy}))
+    assert solved_tasks(tmp_path, ["sort", "count", "chain"]) == (["count", "chain"], {"sort": 0.5})
+    assert solved_tasks(tmp_path / "nowhere", ["sort"]) == (["sort"], {})  # nothing documented: keep
