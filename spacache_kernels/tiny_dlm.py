@@ -9,6 +9,14 @@ policies can be scored on *accuracy* rather than only on agreement with vanilla 
   ``ADD_DIGITS`` digits, the sum to ``ADD_DIGITS + 1``), then EOS padding up to ``gen_length``;
 * ``copy``: long-context copy, ``"<64 letters>="`` -> the same 64 letters, then EOS padding.
 
+The deeper ``checkpoints/tiny-dlm-deep`` (8 layers) was trained on tasks whose answers span several
+blocks of a 64-token generation (blocks of 8):
+
+* ``sort``: 24 digits -> the same digits ascending (every answer token depends on the whole prompt);
+* ``count``: 32 bits -> the running count of 1s modulo 10 (each answer digit is the previous
+  generated digit plus one prompt bit);
+* ``chain``: 32 digits, half of them 0 -> the running sum modulo 10 (its first training run only).
+
 Every task has a fixed prompt length and a fixed answer region (the answer followed by EOS up to the
 task's ``gen_length``), so a whole task is decoded by one ``generate(..., gen_length=...)`` call
 without left padding. The tokenizer is one character per token plus the special ``<eos>`` (also used
