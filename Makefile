@@ -58,7 +58,7 @@ test-gpu: install
 bench: install
 	$(VPY) -m bench $(ARGS)
 
-# Generation quality of every caching policy on the tiny trained checkpoint (CPU, a few minutes).
+# Generation quality of every caching policy on both tiny trained checkpoints (CPU, 15-20 min).
 eval: install
 	$(VPY) -m bench.eval $(ARGS)
 
