@@ -49,6 +49,9 @@ AUP_ALPHA = 3.0  # steepness of the accuracy penalty in aup()
 # Documented vanilla exact match below which a checkpoint's task is not evaluated: with fewer than one
 # problem in five right, exact-match differences between policies are noise at these set sizes.
 SOLVED = 0.2
+# Below this documented vanilla exact match a task still runs, but its accuracy column cannot rank the
+# caches (a fragile model loses or gains problems by chance); the doc says so next to the task.
+TRUSTED = 0.8
 
 
 Setting = tuple[str, str, dict, "float | None"]  # (label, registry name, constructor kwargs, threshold)
@@ -427,6 +430,14 @@ def write_doc(reports: list[dict], meta: dict) -> None:
         f"{SOLVED:g} (a task the model does not solve cannot show what a cache loses)."
         for rep in reports for task, acc in rep.get("skipped", {}).items()
     )  # fmt: skip
+    untrusted = "".join(
+        f"\n* `{rep['name']}` {task}: documented vanilla exact match {v['accuracy']:.3f} is below "
+        f"{TRUSTED:g}, so this checkpoint is under-trained for the task: its accuracy differences show "
+        "how fragile its decoding is more than what a cache loses; read the agreement with vanilla."
+        for rep in reports
+        for task, v in (rep.get("training") or {}).get("final_vanilla_accuracy", {}).items()
+        if task in rep["counts"] and v["accuracy"] < TRUSTED
+    )
     sizes = "\n".join(
         f"* `{rep['name']}`: " + ", ".join(f"{n} {t}" for t, n in rep["counts"].items())
         + f" problems (seed `EVAL_SEED`); 95% interval half-widths: {_halfwidths(rep)}; "
@@ -466,7 +477,7 @@ Training:
 
 Held-out sets and run time:
 
-{sizes}{skipped}
+{sizes}{skipped}{untrusted}
 
 Settings: every policy of `spacache_kernels.policies.POLICIES` at its defaults under fixed-count
 unmasking (one token per step, steps = gen_length; rows named by the policy) and under Fast-dLLM's
