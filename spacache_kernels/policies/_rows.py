@@ -8,15 +8,19 @@ import torch
 def rows_from_mask(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
     """The True positions of each row of ``mask`` (B, T) bool as a (B, n) int64 ascending index set.
 
-    ``n = count`` or, when None, the largest per-row count (one host read). Rows with fewer positions
-    are padded by repeating their last one (the runtime computes a repeated row twice and writes the
-    same values), so the set stays non-decreasing. A row with no True position gets position 0
+    ``n = count`` (may exceed T) or, when None, the largest per-row count (one host read). Rows with
+    fewer positions are padded by repeating their last one (the runtime computes a repeated row twice
+    and writes the same values), so the set stays non-decreasing. A row with no True position gets position 0
     (a lone recomputation of the first token; only finished rows are ever empty).
     """
     counts = mask.sum(dim=1)
     if count is None:
         count = max(int(counts.max()), 1)
     order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :count]  # True first, ascending
+    if count > order.shape[1]:
+        # More slots than positions (e.g. Elastic-Cache's window of 16 over a shorter sequence): the
+        # extra slots are padding, filled with the row's last position below like every other.
+        order = torch.nn.functional.pad(order, (0, count - order.shape[1]))
     last = torch.gather(order, 1, (counts - 1).clamp_min(0).unsqueeze(1))
     slot = torch.arange(count, device=mask.device)
     return torch.where(slot.unsqueeze(0) < counts.unsqueeze(1), order, last)

@@ -121,6 +121,20 @@ def test_rows_from_mask_pads_with_repeats():
     assert rows.tolist() == [[1, 3, 4], [0, 0, 0], [0, 0, 0]]
     assert distinct_rows(rows).tolist() == [[True, True, True], [True, False, False], [True, False, False]]
     assert rows_from_mask(mask, count=4).tolist()[0] == [1, 3, 4, 4]
+    # More slots than positions (Elastic-Cache's window over a short sequence): padded by repeats.
+    assert rows_from_mask(mask, count=7).tolist() == [[1, 3, 4, 4, 4, 4, 4], [0] * 7, [0] * 7]
+
+
+def test_elastic_window_longer_than_the_sequence_equals_vanilla_at_full_refresh(llada):
+    """gen_length 8 with a 4-token prompt: the window of 16 is longer than the whole sequence."""
+    ids = torch.randint(3, llada.config.vocab_size - 1, (2, 4), generator=torch.Generator().manual_seed(5))
+    ids[ids == llada.mask_id] = 3
+    kw = dict(gen_length=8, steps=8, block_length=8, backend="torch")
+    want = generate(llada, ids, policy="vanilla", **kw).sequences
+    forced = generate(llada, ids, policy=ElasticCache(window=16, refresh_interval=1), **kw).sequences
+    assert torch.equal(forced, want)  # the window code runs every step, the refresh makes it exact
+    cached = generate(llada, ids, policy=ElasticCache(window=16), **kw).sequences
+    assert not (cached == llada.mask_id).any()
 
 
 def test_certainty_density_matches_brute_force():
