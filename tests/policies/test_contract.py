@@ -191,7 +191,7 @@ class _Select(CachePolicy):
         return StepPlan(region="all", kind="full") if step == 0 else StepPlan(region="gen", kind="partial")
 
     def select(self, ctx):
-        assert ctx.gen == slice(0, GEN) and ctx.raw.shape == ctx.normed.shape
+        assert ctx.raw[:, ctx.gen].shape[1] == GEN and ctx.raw.shape == ctx.normed.shape
         return None if ctx.plan.kind == "full" else self.rows
 
 
