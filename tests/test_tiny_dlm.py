@@ -19,6 +19,7 @@ from spacache_kernels.tiny_dlm import (
     TASKS,
     TRAIN_SEED,
     CharTokenizer,
+    checkpoint_tasks,
     decode_problems,
     encode_batch,
     exact_match,
@@ -28,7 +29,7 @@ from spacache_kernels.tiny_dlm import (
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "tiny-dlm"
-N_PROBLEMS = {"add": 16, "copy": 16}
+N_PROBLEMS = {"add": 16, "copy": 16}  # the tasks of this checkpoint (checkpoint_tasks(CHECKPOINT))
 MARGIN = 0.13  # one or two misses below the documented held-out accuracy (documented >= 0.9 itself)
 
 
@@ -101,12 +102,13 @@ def test_tasks_are_fixed_length_and_scored_exactly(tok):
 
 @pytest.fixture(scope="module")
 def vanilla_tokens(model, tok):
-    return {task: decode_problems(model, tok, heldout_problems(task, N_PROBLEMS[task]))[0] for task in TASKS}
+    return {task: decode_problems(model, tok, heldout_problems(task, n))[0] for task, n in N_PROBLEMS.items()}
 
 
 def test_vanilla_accuracy_matches_documented(tok, vanilla_tokens):
     documented = json.loads((CHECKPOINT / "training.json").read_text())["final_vanilla_accuracy"]
-    for task in TASKS:
+    assert checkpoint_tasks(CHECKPOINT) == list(N_PROBLEMS)
+    for task in N_PROBLEMS:
         hits = exact_match(tok, heldout_problems(task, N_PROBLEMS[task]), vanilla_tokens[task])
         accuracy = sum(hits) / len(hits)
         assert documented[task]["accuracy"] >= 0.9, f"{task}: the shipped checkpoint documents < 90%"
@@ -115,7 +117,7 @@ def test_vanilla_accuracy_matches_documented(tok, vanilla_tokens):
 
 def test_spa_full_ratio_equals_vanilla(model, tok, vanilla_tokens):
     """Ratio 1 in every layer with a full refresh every step is vanilla decoding, token for token."""
-    for task in TASKS:
+    for task in N_PROBLEMS:
         policy = SpaCache(max_update_ratio=1.0, budget="uniform", refresh_steps=1, backend="torch")
         tokens = decode_problems(model, tok, heldout_problems(task, N_PROBLEMS[task]), policy)[0]
         assert torch.equal(tokens, vanilla_tokens[task]), task
@@ -200,7 +202,7 @@ def test_eval_covers_the_registry_and_records_failures(monkeypatch):
             raise RuntimeError("this policy always fails")
 
     monkeypatch.setitem(POLICIES, "broken", Broken)
-    labels = [label for label, _, _ in quality.settings()]
+    labels = [label for label, *_ in quality.settings()]
     assert set(POLICIES) <= set(labels) and "spa r=0.1" in labels and "spa r=1 uniform" in labels
     previous = torch.get_num_threads()
     try:
@@ -209,10 +211,38 @@ def test_eval_covers_the_registry_and_records_failures(monkeypatch):
         torch.set_num_threads(previous)
     rows = {row["setting"]: row for row in report["rows"]}
     assert "this policy always fails" in rows["broken"]["error"]
+    assert "this policy always fails" in rows["broken t=0.9"]["error"]
     assert rows["vanilla"]["flops_ratio"] == 1.0 and rows["vanilla"]["tasks"]["add"]["agreement"] == 1.0
     assert 0 < rows["spa r=0.1"]["flops_ratio"] < rows["spa r=1"]["flops_ratio"] < 1
+    # fixed count commits one token per forward; threshold decoding at least one, never more than a block
+    add = TASKS["add"]
+    assert rows["vanilla"]["tasks"]["add"]["forwards"] == add.gen_length
+    assert rows["vanilla"]["tasks"]["add"]["tokens_per_forward"] == 1.0
+    fast = rows["vanilla t=0.9"]["tasks"]["add"]
+    assert 1.0 <= fast["tokens_per_forward"] <= add.block_length
+    assert fast["forwards"] * fast["tokens_per_forward"] == pytest.approx(add.gen_length)
+    assert set(report["aup"]) == set(POLICIES) - {"broken"}
     table = quality.format_table(report["rows"], ["add", "copy"], markdown=True)
-    assert "| broken | error: RuntimeError: this policy always fails" in table
+    assert "| broken |  | error: RuntimeError: this policy always fails" in table
+
+
+def test_wilson_interval_and_aup_on_hand_computed_cases():
+    from bench.eval import aup, wilson_interval
+
+    lo, hi = wilson_interval(8, 10)  # textbook value: [0.490, 0.943]
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    with pytest.raises(ValueError, match="total"):
+        wilson_interval(0, 0)
+    # one point at TPF 1 and full accuracy: the accuracy itself
+    assert aup([(1.0, 0.9)], best=0.9) == pytest.approx(0.9)
+    # a second point at TPF 3 without accuracy loss adds the trapezoid 2 * 0.9
+    assert aup([(3.0, 0.9), (1.0, 0.9)], best=0.9) == pytest.approx(0.9 + 2 * 0.9)
+    # losing accuracy is discounted: y = 0.6 of best 0.9 weighs exp(-3 / 3) = e^-1
+    weighted = 0.6 * torch.exp(torch.tensor(-1.0)).item()
+    assert aup([(1.0, 0.9), (3.0, 0.6)], best=0.9) == pytest.approx(0.9 + 2 * (0.9 + weighted) / 2)
+    with pytest.raises(ValueError, match="points"):
+        aup([], best=1.0)
 
 
 def test_heldout_addition_problems_were_not_trained_on():
@@ -222,3 +252,37 @@ def test_heldout_addition_problems_were_not_trained_on():
     seen = {TASKS["add"].make(rng).prompt for _ in range(training["steps"] * training["batch_sizes"]["add"])}
     assert len(seen) > 100_000
     assert not {p.prompt for p in heldout_problems("add", 256)} & seen
+
+
+def test_losses_compare_with_vanilla_under_the_same_rule():
+    from bench.eval import format_losses, losses
+
+    def row(setting, policy, threshold, correct):
+        return {"setting": setting, "policy": policy, "kwargs": {}, "threshold": threshold,
+                "tasks": {"sort": {"correct": correct, "accuracy": correct / 10}}}  # fmt: skip
+
+    report = {
+        "name": "ck",
+        "counts": {"sort": 10},
+        "rows": [
+            row("vanilla", "vanilla", None, 10),
+            row("a", "a", None, 7),  # 3 below vanilla fixed
+            row("b", "b", None, 9),  # 1 below: not listed
+            row("vanilla t=0.9", "vanilla", 0.9, 6),
+            row("a t=0.9", "a", 0.9, 5),  # 1 below vanilla t=0.9 (4 below fixed): not listed
+            row("b t=0.9", "b", 0.9, 2),  # 4 below vanilla t=0.9
+            {"setting": "broken", "policy": "broken", "kwargs": {}, "threshold": None, "error": "x"},
+        ],
+    }
+    assert losses(report) == {"sort": [("b t=0.9", 0.2, 0.6), ("a", 0.7, 1.0)]}
+    text = format_losses([report])
+    assert text == "* `ck` sort (vanilla: fixed 1.000, t=0.9 0.600): b t=0.9 -0.400 (0.200); a -0.300 (0.700)"
+
+
+def test_eval_skips_tasks_the_checkpoint_does_not_solve(tmp_path):
+    from bench.eval import solved_tasks
+
+    accuracy = {"sort": {"accuracy": 0.1}, "count": {"accuracy": 0.8}}
+    (tmp_path / "training.json").write_text(json.dumps({"final_vanilla_accuracy": accuracy}))
+    assert solved_tasks(tmp_path, ["sort", "count", "chain"]) == (["count", "chain"], {"sort": 0.1})
+    assert solved_tasks(tmp_path / "nowhere", ["sort"]) == (["sort"], {})  # nothing documented: keep

@@ -54,7 +54,13 @@ import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
+from spacache_kernels.kernels._config import (
+    autotune_configs,
+    device_guard,
+    interpreting,
+    next_pow2,
+    prune_by_target,
+)
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256  # the (BLOCK_M, Dh) fp32 accumulator and the q tile must stay in registers
@@ -63,9 +69,7 @@ MAX_HEAD_DIM = 256  # the (BLOCK_M, Dh) fp32 accumulator and the q tile must sta
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=4),
 ]
@@ -77,6 +81,13 @@ _FWD_CONFIGS = [
 @triton.autotune(
     configs=autotune_configs(_FWD_CONFIGS),
     key=["s_bucket", "t_bucket", "HEAD_DIM", "HAS_PAD", "UPCAST"],
+    prune_configs_by=prune_by_target(
+        # fp32 q / acc / K tiles of Dh = 128: 16 x 16 is the largest tile without spills on both targets.
+        upcast=[triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=2)],
+        # sm_80: the 64 x 64 tiles spill (4-8 B), 16 x 128 with 4 stages needs 200 KB of shared
+        # memory; it keeps 128 x 64 and 32 x 64.
+        hopper_only=(0, 1, 4),
+    ),
 )
 @triton.jit
 def _attn_fwd_kernel(
@@ -122,6 +133,12 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """Online-softmax attention of BLOCK_M gathered queries of one (batch, head) over all keys.
+
+    No wgmma: the configs with BLOCK_M < 64 use mma.sync (a warpgroup MMA takes 64 rows). They are
+    there for few selected queries per head (S of 16-32), where more programs over the heads beat
+    masked 64-row tiles; the BLOCK_M >= 64 configs use wgmma.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_q_heads).to(tl.int64)
@@ -233,6 +250,12 @@ def _attn_probs_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    """Exact softmax probabilities of a few query rows, normalised by the main kernel's log-sum-exp.
+
+    No wgmma: one program holds BLOCK_R = 16 tracked rows (a policy tracks one or two per batch
+    row), below the 64 rows of a warpgroup MMA, so it uses mma.sync; the kernel is bound by writing
+    the fp32 probabilities, not by the QK^T product.
+    """
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // n_q_heads).to(tl.int64)
@@ -382,8 +405,8 @@ def attention_row_probs(
     pad, pad_strides = _padding_view(key_padding, q)
     block_r = 16  # tl.dot needs >= 16 rows; m is small (a few tracked rows per batch)
     block_d = max(16, next_pow2(head_dim))
-    # Wide fp32 key tiles (Dh > 128) would overflow shared memory at 128 keys per tile.
-    block_n = 64 if interpreting() or q.element_size() * block_d > 512 else 128
+    # fp32 key tiles of Dh >= 128 spill registers (sm_80) or overflow shared memory at 128 keys per tile.
+    block_n = 64 if interpreting() or q.element_size() * block_d >= 512 else 128
     with device_guard(q):
         _attn_probs_kernel[(triton.cdiv(n_rows, block_r), n_batch * n_q_heads)](
             q,

@@ -60,7 +60,13 @@ import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
+from spacache_kernels.kernels._config import (
+    autotune_configs,
+    device_guard,
+    interpreting,
+    next_pow2,
+    prune_by_target,
+)
 
 # A constexpr: compiled kernels may only read globals declared as such (the interpreter does not care).
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -77,9 +83,9 @@ _CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 32, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 32, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_V": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_V": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_V": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
 ]
 
 
@@ -111,7 +117,12 @@ def _row_keys(seed, rows):
 # The grid's second axis is the split count, computed on the host from the row count: the key
 # holds the values that decide the best tile shape.
 @triton.autotune(
-    configs=autotune_configs(_CONFIGS), key=["row_bucket", "V", "d", "SAMPLE", "ROW_SEEDS", "UPCAST"]
+    configs=autotune_configs(_CONFIGS),
+    key=["row_bucket", "V", "d", "SAMPLE", "ROW_SEEDS", "UPCAST"],
+    # fp32: narrower vocabulary and d steps keep the fp32 tiles and the sampling state in registers.
+    prune_configs_by=prune_by_target(
+        upcast=[triton.Config({"BLOCK_M": 16, "BLOCK_V": 32, "BLOCK_D": 32}, num_warps=4, num_stages=2)]
+    ),
 )
 @triton.jit(do_not_specialize=["seed", "temperature"])
 def _lm_head_partial_kernel(
@@ -148,6 +159,13 @@ def _lm_head_partial_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """LM-head partials of one row block over one vocabulary split (module docstring).
+
+    No wgmma: the configs with BLOCK_M < 64 use mma.sync. A Hopper warpgroup MMA takes 64 rows per
+    warpgroup; these configs serve the weight-bound few-rows case (a few dozen gathered rows), where
+    a 64-row tile would mostly multiply masked rows. The configs with BLOCK_M >= 64 use wgmma; the
+    autotuner picks on the GPU.
+    """
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -283,7 +301,11 @@ def default_splits(n_rows: int, vocab: int, device: torch.device) -> int:
     """
     if device.type != "cuda":
         return 1
-    n_sm = torch.cuda.get_device_properties(device).multi_processor_count
+    return splits_for_sms(n_rows, vocab, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def splits_for_sms(n_rows: int, vocab: int, n_sm: int) -> int:
+    """:func:`default_splits` on a device with ``n_sm`` SMs (the compile check uses it offline)."""
     want = triton.cdiv(4 * n_sm, triton.cdiv(n_rows, 32))
     return max(1, min(want, triton.cdiv(vocab, MIN_SPLIT_V), MAX_SPLITS))
 

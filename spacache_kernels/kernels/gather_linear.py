@@ -51,7 +51,13 @@ import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
+from spacache_kernels.kernels._config import (
+    autotune_configs,
+    device_guard,
+    interpreting,
+    next_pow2,
+    prune_by_target,
+)
 
 ROPE_MIN_LANES = 64  # lanes per rotation half in one RoPE tile: tl.dot needs >= 16, wider tiles reuse X
 GROUP_M = 8  # tiles of rows sharing one weight column band in L2
@@ -64,12 +70,9 @@ GROUP_M = 8  # tiles of rows sharing one weight column band in L2
 _LINEAR_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
 
@@ -82,17 +85,24 @@ _ROPE_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "HEAD_GROUPS": 1, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 128, "HEAD_GROUPS": 1, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "HEAD_GROUPS": 2, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "HEAD_GROUPS": 2, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
 _SWIGLU_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
 ]
+
+# fp32 RoPE tiles: a 32-deep K step keeps the two fp32 accumulators and weight tiles in registers.
+_ROPE_PRUNE = prune_by_target(
+    upcast=[triton.Config({"BLOCK_M": 16, "HEAD_GROUPS": 1, "BLOCK_K": 32}, num_warps=4, num_stages=2)],
+    hopper_only=(3, 4),  # spill on sm_80 (44-188 B): the two accumulators need sm_90's registers
+    cpu_only=(0,),  # spills 12 B on sm_90 under triton 3.6 (and 4 B on sm_80)
+)
+_LINEAR_PRUNE = prune_by_target(hopper_only=(3,))  # 64x128 with 4 stages spills 16 B on sm_80 (triton 3.6)
+_SWIGLU_PRUNE = prune_by_target(hopper_only=(5,))  # 128x128 spills on sm_80
 
 # The autotune keys bucket the row count to a power of two: k changes per layer and per step, and
 # retuning for every distinct M would stall the first steps of a generation.
@@ -174,7 +184,7 @@ def _dual_gemm(
 # --------------------------------------------------------------------------------------------
 # kernels
 # --------------------------------------------------------------------------------------------
-@triton.autotune(configs=autotune_configs(_LINEAR_CONFIGS), key=_KEY)
+@triton.autotune(configs=autotune_configs(_LINEAR_CONFIGS), key=_KEY, prune_configs_by=_LINEAR_PRUNE)
 @triton.jit
 def _gather_linear_kernel(
     x_ptr,
@@ -206,6 +216,13 @@ def _gather_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Plain gathered GEMM tile (module docstring).
+
+    No wgmma: the configs with BLOCK_M < 64 use mma.sync. A Hopper warpgroup MMA takes 64 rows per
+    warpgroup; these configs serve the weight-bound few-rows case (a few dozen gathered rows), where
+    a 64-row tile would mostly multiply masked rows. The configs with BLOCK_M >= 64 use wgmma; the
+    autotuner picks on the GPU.
+    """
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP)
     batch, slot, src, row_ok = _gathered_rows(
         pid_m, M, rows_per_batch, idx_ptr, stride_ib, stride_ik, HAS_IDX, BLOCK_M
@@ -230,7 +247,7 @@ def _gather_linear_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.autotune(configs=autotune_configs(_ROPE_CONFIGS), key=_KEY + ["half"])
+@triton.autotune(configs=autotune_configs(_ROPE_CONFIGS), key=_KEY + ["half"], prune_configs_by=_ROPE_PRUNE)
 @triton.jit
 def _gather_linear_rope_kernel(
     x_ptr,
@@ -276,6 +293,13 @@ def _gather_linear_rope_kernel(
     HEAD_GROUPS: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Gathered GEMM with the RoPE epilogue: lo / hi accumulators (module docstring).
+
+    No wgmma: the configs with BLOCK_M < 64 use mma.sync. A Hopper warpgroup MMA takes 64 rows per
+    warpgroup; these configs serve the weight-bound few-rows case (a few dozen gathered rows), where
+    a 64-row tile would mostly multiply masked rows. The configs with BLOCK_M >= 64 use wgmma; the
+    autotuner picks on the GPU.
+    """
     HEADS: tl.constexpr = BASE_HEADS * HEAD_GROUPS
     LANES: tl.constexpr = HEADS * BLOCK_HALF
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(n_heads, HEADS), GROUP)
@@ -330,7 +354,7 @@ def _gather_linear_rope_kernel(
     tl.store(out_rows + col_hi[None, :] * stride_on, out_hi.to(out_ty), mask=tile_ok)
 
 
-@triton.autotune(configs=autotune_configs(_SWIGLU_CONFIGS), key=_KEY)
+@triton.autotune(configs=autotune_configs(_SWIGLU_CONFIGS), key=_KEY, prune_configs_by=_SWIGLU_PRUNE)
 @triton.jit
 def _gather_swiglu_kernel(
     x_ptr,
@@ -362,6 +386,13 @@ def _gather_swiglu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Gathered gate and up GEMMs sharing the X tile, SwiGLU epilogue (module docstring).
+
+    No wgmma: the configs with BLOCK_M < 64 use mma.sync. A Hopper warpgroup MMA takes 64 rows per
+    warpgroup; these configs serve the weight-bound few-rows case (a few dozen gathered rows), where
+    a 64-row tile would mostly multiply masked rows. The configs with BLOCK_M >= 64 use wgmma; the
+    autotuner picks on the GPU.
+    """
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(n, BLOCK_N), GROUP)
     batch, slot, src, row_ok = _gathered_rows(
         pid_m, M, rows_per_batch, idx_ptr, stride_ib, stride_ik, HAS_IDX, BLOCK_M

@@ -43,7 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-from spacache_kernels.kernels._config import autotune_configs, device_guard, interpreting, next_pow2
+from spacache_kernels.kernels._config import (
+    autotune_configs,
+    device_guard,
+    interpreting,
+    next_pow2,
+    prune_by_target,
+)
 
 COS_EPS = 1e-8  # matches spacache_kernels.ops.reference.COS_EPS (torch.cosine_similarity's epsilon)
 MAX_RANK = 256  # the fp32 (BLOCK_L, BLOCK_R) accumulator must stay in registers
@@ -67,6 +73,10 @@ _FUSED_CONFIGS = [
     configs=autotune_configs(_FUSED_CONFIGS),
     key=["n_batch", "L", "d", "r"],
     restore_value=["cache_ptr"],
+    # fp32: the (32, 128) fp32 accumulator over 8 warps, 32-wide d steps: no spills on sm_80 / sm_90.
+    prune_configs_by=prune_by_target(
+        upcast=[triton.Config({"BLOCK_L": 32, "BLOCK_D": 32}, num_warps=8, num_stages=2)]
+    ),
 )
 @triton.jit
 def _proxy_fused_kernel(
@@ -94,6 +104,13 @@ def _proxy_fused_kernel(
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Kernel A: proxy projection, cosine against the cached proxy, cache update.
+
+    No wgmma: the configs with BLOCK_L < 64 use mma.sync. A Hopper warpgroup MMA takes 64 rows per
+    warpgroup; these configs serve the weight-bound few-rows case (a few dozen gathered rows), where
+    a 64-row tile would mostly multiply masked rows. The configs with BLOCK_L >= 64 use wgmma; the
+    autotuner picks on the GPU.
+    """
     pid_l = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     rows = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
