@@ -8,7 +8,9 @@ The raw pytest-benchmark JSON (with every figure in ``extra_info``) is saved und
 Then the end-to-end policy throughput harness (``bench/e2e.py``) runs every registered caching policy
 at random-weight model shapes in the SPA-Cache GSM8K and Fast-dLLM settings, prints its table, saves
 ``bench/results/e2e-<stamp>.json`` and regenerates its marked section of ``docs/benchmarks.md`` (with
-a speed-vs-update-ratio plot under ``docs/img/``). ``--skip-kernels`` / ``--skip-e2e`` run one half.
+a speed-vs-update-ratio plot under ``docs/img/``). Last, ``bench/step_profile.py`` reports host
+microseconds and kernel launches per step for every policy (its section of ``docs/benchmarks.md``).
+``--skip-kernels`` / ``--skip-e2e`` / ``--skip-steps`` leave a part out.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="kernel JSON (default bench/results/kernels-*.json)")
     parser.add_argument("--skip-kernels", action="store_true", help="skip the kernel microbenchmarks")
     parser.add_argument("--skip-e2e", action="store_true", help="skip the end-to-end policy harness")
+    parser.add_argument("--skip-steps", action="store_true",
+                        help="skip the per-step host time and launch counts")  # fmt: skip
     from bench import e2e
 
     e2e.add_arguments(parser)
@@ -80,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     if e2e_config is not None:
         print(flush=True)
         e2e.run(e2e_config, args, e2e.command_line(argv))
+    if not args.skip_steps:
+        from bench import step_profile
+
+        print(flush=True)
+        step_profile.main([] if getattr(args, "no_docs", False) else ["--docs"])
     return status
 
 

@@ -44,9 +44,10 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.harness import git_commit
+from spacache_kernels.decoding import DECODE_PRESETS
 from spacache_kernels.generate import generate
 from spacache_kernels.models.synthetic import SHAPES, random_model
-from spacache_kernels.policies import POLICIES, make_policy
+from spacache_kernels.policies import POLICIES, make_policy, policy_class
 
 ON_GPU = torch.cuda.is_available()
 
@@ -69,14 +70,14 @@ class Setting:
     description: str
 
 
-SETTINGS: dict[str, Setting] = {
-    "spa-gsm8k": Setting(
-        "spa-gsm8k", 256, 256, 8, None, "SPA-Cache GSM8K: gen 256, 256 steps, block 8, fixed count (1/step)"
-    ),
-    "fast-dllm": Setting(
-        "fast-dllm", 256, 256, 32, 0.9, "Fast-dLLM: gen 256, block 32, confidence threshold 0.9"
-    ),
-}
+def _setting(name: str) -> Setting:
+    """A benchmark setting from the shared decoding presets (``spacache_kernels.decoding``)."""
+    cfg = DECODE_PRESETS[name]
+    steps = cfg.generate_kwargs()["steps"]
+    return Setting(name, cfg.gen_length, steps, cfg.block_length, cfg.threshold, cfg.description)
+
+
+SETTINGS: dict[str, Setting] = {name: _setting(name) for name in ("spa-gsm8k", "fast-dllm")}
 SWEEP_POLICY = "spa"
 SWEEP_PARAM = "max_update_ratio"
 DEFAULT_RATIOS = (0.05, 0.1, 0.25, 0.5)
@@ -109,9 +110,7 @@ class E2EConfig:
     def __post_init__(self):
         self.shapes = [_known("model shape", s.strip().lower(), SHAPES) for s in self.shapes]
         self.settings = [_known("setting", s.strip().lower(), SETTINGS) for s in self.settings]
-        self.policies = [
-            _known("policy", p.strip().lower().replace("-", "_"), POLICIES) for p in self.policies
-        ]
+        self.policies = [_known_policy(p) for p in self.policies]
         if BASELINE not in self.policies:  # speedups and FLOPs ratios are relative to it
             self.policies.insert(0, BASELINE)
         else:
@@ -159,6 +158,16 @@ def _known(what: str, name: str, table) -> str:
     return name
 
 
+def _known_policy(spec: str) -> str:
+    """A registered name (normalized), or ``package.module:Class`` kept as given (the one resolver,
+    ``policies.policy_class``, checks that it imports)."""
+    name = spec.strip().lower().replace("-", "_")
+    if name in POLICIES or ":" not in spec:
+        return _known("policy", name, POLICIES)
+    policy_class(spec.strip())
+    return spec.strip()
+
+
 # ----------------------------------------------------------------------------------------------
 # measurement helpers
 # ----------------------------------------------------------------------------------------------
@@ -167,33 +176,31 @@ class RunAborted(RuntimeError):
 
 
 class StepClock:
-    """Marks the start of every step by wrapping ``policy.plan`` (called once per step by generate).
+    """Marks the start of every step: pass it as ``generate(..., on_step=clock)``.
 
     Also the harness's guard: a run that starts more than ``max_steps`` steps (a decoding loop that
     commits nothing would never end) or runs past ``timeout`` seconds raises :class:`RunAborted`
     from inside generate(), and the row records it as its error.
     """
 
-    def __init__(self, policy, cuda: bool, *, max_steps: int | None = None, timeout: float | None = None):
+    def __init__(self, cuda: bool, *, max_steps: int | None = None, timeout: float | None = None):
         self.cuda = cuda
+        self.max_steps = max_steps
+        self.timeout = timeout
         self.marks: list = []
         self.started = time.perf_counter()
-        original = policy.plan
 
-        def plan(*args, **kwargs):
-            if max_steps is not None and len(self.marks) >= max_steps:
-                raise RunAborted(f"no end after {max_steps} steps (a step that commits no token?)")
-            if timeout is not None and time.perf_counter() - self.started > timeout:
-                raise RunAborted(f"stopped after {timeout:g} s (--run-timeout)")
-            if self.cuda:
-                event = torch.cuda.Event(enable_timing=True)
-                event.record()
-                self.marks.append(event)
-            else:
-                self.marks.append(time.perf_counter())
-            return original(*args, **kwargs)
-
-        policy.plan = plan  # instance attribute: shadows the class method for this object only
+    def __call__(self, step: int, plan=None) -> None:
+        if self.max_steps is not None and len(self.marks) >= self.max_steps:
+            raise RunAborted(f"no end after {self.max_steps} steps (a step that commits no token?)")
+        if self.timeout is not None and time.perf_counter() - self.started > self.timeout:
+            raise RunAborted(f"stopped after {self.timeout:g} s (--run-timeout)")
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
 
     def step_seconds(self) -> list[float]:
         """Seconds between consecutive step starts (the last step has no successor: left out)."""
@@ -260,7 +267,7 @@ def device_name(device: torch.device) -> str:
 
 
 def _policy_kwargs_ok(name: str, kwargs: dict) -> bool:
-    params = inspect.signature(POLICIES[name]).parameters
+    params = inspect.signature(policy_class(name)[0]).parameters
     return all(k in params for k in kwargs)
 
 
@@ -278,12 +285,13 @@ def run_once(
     instance = make_policy(policy, **(policy_kwargs or {}))
     cuda = model.device.type == "cuda"
     limit = setting.steps if setting.threshold is None else setting.gen_length
-    clock = StepClock(instance, cuda, max_steps=limit, timeout=timeout)
+    clock = StepClock(cuda, max_steps=limit, timeout=timeout)
     meter = MemoryMeter(model.device)
     meter.start()
     out = generate(
         model, input_ids, gen_length=setting.gen_length, steps=setting.steps,
         block_length=setting.block_length, policy=instance, threshold=setting.threshold, backend=backend,
+        on_step=clock,
     )  # fmt: skip
     peak_mb, work_mb = meter.stop()
     stats = out.stats

@@ -36,14 +36,19 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     gen.add_argument("--no-chat-template", action="store_true",
                      help="encode --prompt as plain text despite a chat template")  # fmt: skip
-    gen.add_argument("--policy", default="spa", help="a policy name or name:preset, e.g. spa:llada-8b")
-    gen.add_argument("--gen-length", type=int, default=64)
-    gen.add_argument("--steps", type=int, default=64)
-    gen.add_argument("--block-length", type=int, default=8)
+    gen.add_argument("--policy", default="spa",
+                     help="a name, name:preset (e.g. spa:llada-8b) or package.module:Class")  # fmt: skip
+    gen.add_argument("--decode", default=None,
+                     help="a decoding preset (spacache_kernels.decoding.DECODE_PRESETS, e.g. spa-gsm8k, "
+                     "fast-dllm); the options below override it")  # fmt: skip
+    # Unset decoding options come from the shared DecodeConfig (the same defaults as lm-eval, bench).
+    gen.add_argument("--gen-length", type=int, default=None, help="default 256")
+    gen.add_argument("--steps", type=int, default=None, help="default: gen length")
+    gen.add_argument("--block-length", type=int, default=None, help="default 32")
     gen.add_argument("--threshold", type=float, default=None)
     gen.add_argument("--factor", type=float, default=None)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (used when --temperature > 0)")
+    gen.add_argument("--temperature", type=float, default=None, help="default 0 (greedy)")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed (used when --temperature > 0)")
     gen.add_argument("--backend", default=None, choices=["auto", "triton", "torch"],
                      help="default: $SPACACHE_BACKEND, else auto")  # fmt: skip
     gen.add_argument("--device", default=None)
@@ -55,6 +60,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 def _generate(args) -> int:
     import torch
 
+    from spacache_kernels.decoding import decode_config
     from spacache_kernels.generate import generate
     from spacache_kernels.models import load_model
     from spacache_kernels.text import decode_rows, encode_prompts, load_tokenizer
@@ -77,11 +83,15 @@ def _generate(args) -> int:
             ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+    decoding = decode_config(
+        args.decode, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+        threshold=args.threshold, factor=args.factor, temperature=args.temperature, seed=args.seed,
+    ).generate_kwargs()  # fmt: skip
+    if decoding["eos_token_id"] is None:
+        decoding["eos_token_id"] = eos
     out = generate(
-        model, ids, attention_mask=mask, gen_length=args.gen_length, steps=args.steps,
-        block_length=args.block_length, policy=args.policy, threshold=args.threshold, factor=args.factor,
-        temperature=args.temperature, eos_token_id=eos, backend=args.backend, seed=args.seed,
-        progress=args.progress,
+        model, ids, attention_mask=mask, policy=args.policy, backend=args.backend, progress=args.progress,
+        **decoding,
     )  # fmt: skip
     generated = out.sequences[:, ids.shape[1] :]
     if tokenizer is not None:

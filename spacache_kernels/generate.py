@@ -1,16 +1,10 @@
 """The denoising loop: blocks, steps, unmasking rules, batch bookkeeping and statistics.
 
 Sequence layout ``[prompt (P, left-padded) | generated (G, starts fully masked)]``; the generated
-region is decoded block by block (semi-autoregressive). Unmasking rules (ALGORITHMS.md), independent
-of the caching policy:
-
-* fixed count (default, LLaDA low-confidence remasking): a block of b tokens decoded in s steps
-  commits ``b // s`` tokens per step (the first ``b % s`` steps one more), the most confident masked
-  ones of the block;
-* ``threshold=tau`` (Fast-dLLM): the most confident masked token of the block plus every other
-  with confidence >= tau;
-* ``factor=f`` (Fast-dLLM): sort the block's masked confidences descending and commit the largest n
-  with ``c_(j) >= 1 - f / (j + 1)`` for every j <= n (j = 1 always passes).
+region is decoded block by block (semi-autoregressive). The unmasking rules (fixed count, default;
+``threshold=tau``; ``factor=f``) are small objects in :mod:`spacache_kernels.unmasking`, independent
+of the caching policy. ``on_step`` is called at the start of every step (benchmarks time steps and
+guard runaway loops with it).
 
 Confidence is ``softmax(logits)[token]`` (``confidence="margin"`` / ``"neg_entropy"``: the other
 measures the references use); temperature > 0 samples the token with Gumbel-max. The noise of a row
@@ -43,6 +37,33 @@ from spacache_kernels.ops.reference import hash_u32
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
 from spacache_kernels.policies.base import DecodeState
 from spacache_kernels.policies.d2cache import canvas_density
+from spacache_kernels.unmasking import (
+    SCHEDULES,
+    dream_transfer_count,
+    factor_commit,
+    fixed_commit,
+    fixed_commit_counts,
+    row_transfer_schedule,
+    threshold_commit,
+    transfer_schedule,
+    unmasking_rule,
+)
+
+__all__ = [  # the rule helpers stay importable from here (their home is spacache_kernels.unmasking)
+    "SCHEDULES",
+    "GenerationOutput",
+    "GenerationStats",
+    "dream_transfer_count",
+    "early_stop_pad",
+    "factor_commit",
+    "first_masked_block",
+    "fixed_commit",
+    "fixed_commit_counts",
+    "generate",
+    "row_transfer_schedule",
+    "threshold_commit",
+    "transfer_schedule",
+]
 
 
 @dataclass
@@ -66,68 +87,6 @@ class GenerationStats:
 class GenerationOutput:
     sequences: torch.Tensor  # (B, P + G) int64: the prompt (as given) followed by the generated tokens
     stats: GenerationStats
-
-
-def transfer_schedule(block_length: int, steps_per_block: int) -> list[int]:
-    """Tokens committed at each step of a block under the fixed-count rule."""
-    base, extra = divmod(block_length, steps_per_block)
-    return [base + (1 if i < extra else 0) for i in range(steps_per_block)]
-
-
-def _rank_key(conf: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-    """Confidence as a ranking key: -inf where not masked, and a masked position whose confidence is
-    -inf (a stale state under ``decide_fresh_only``) still ranks above every unmasked one, so each
-    rule always makes progress while fresh positions keep priority."""
-    lowest = torch.finfo(conf.dtype).min
-    return torch.where(masked, torch.nan_to_num(conf, nan=lowest, neginf=lowest), float("-inf"))
-
-
-def threshold_commit(conf: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(B, b) bool: the most confident masked position plus every masked one with conf >= tau."""
-    conf = _rank_key(conf, masked)
-    best = torch.zeros_like(masked).scatter_(1, conf.argmax(1, keepdim=True), True)
-    return masked & (best | (conf >= threshold))
-
-
-def factor_commit(conf: torch.Tensor, masked: torch.Tensor, factor: float) -> torch.Tensor:
-    """(B, b) bool: the largest n with ``c_(j) >= 1 - f/(j+1)`` for all j <= n (j = 1 always)."""
-    conf = _rank_key(conf, masked)
-    ordered, order = conf.sort(dim=1, descending=True)
-    j = torch.arange(1, conf.shape[1] + 1, device=conf.device, dtype=conf.dtype)
-    passes = ordered >= 1 - factor / (j + 1)
-    passes[:, 0] = True
-    passes &= ordered > float("-inf")  # never commit a position that is not masked
-    keep_sorted = passes.long().cumprod(dim=1).bool()
-    return torch.zeros_like(masked).scatter_(1, order, keep_sorted) & masked
-
-
-def fixed_commit(conf: torch.Tensor, masked: torch.Tensor, count: int) -> torch.Tensor:
-    """(B, b) bool: the ``count`` most confident masked positions of each row."""
-    if count == 0:
-        return torch.zeros_like(masked)
-    conf = _rank_key(conf, masked)
-    top = conf.topk(count, dim=1).indices
-    return torch.zeros_like(masked).scatter_(1, top, True) & masked
-
-
-def fixed_commit_counts(conf: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(B, b) bool: per row the ``counts[row]`` (B,) most confident masked positions (no host sync)."""
-    if counts.shape != conf.shape[:1]:
-        raise ValueError(f"counts: expected shape ({conf.shape[0]},), got {tuple(counts.shape)}")
-    key = _rank_key(conf, masked)
-    order = key.argsort(dim=1, descending=True, stable=True)
-    ranks = torch.arange(key.shape[1], device=key.device).expand_as(order)
-    rank = torch.empty_like(order).scatter_(1, order, ranks)
-    return (rank < counts.unsqueeze(1)) & masked
-
-
-def row_transfer_schedule(masked_in_block: torch.Tensor, steps_per_block: int) -> torch.Tensor:
-    """(B, s) tokens each row commits at each step of a block, from its masked count (B,) at the block
-    start (the reference's per-row ``get_num_transfer_tokens``; rows differ once early termination
-    has padded part of a block)."""
-    base = masked_in_block.unsqueeze(1) // steps_per_block
-    extra = masked_in_block.unsqueeze(1) % steps_per_block
-    return base + (torch.arange(steps_per_block, device=masked_in_block.device) < extra).long()
 
 
 def early_stop_pad(
@@ -156,15 +115,6 @@ def first_masked_block(
     return first // block_length
 
 
-def _with_forced(forced, conf, masked, count) -> torch.Tensor:
-    """A step whose policy forces ``forced`` (B, b): threshold / factor (``count`` None) commit exactly
-    those; the fixed-count rule commits them plus the rest of the step's ``count`` by confidence."""
-    if count is None:
-        return forced
-    rest = torch.as_tensor(count, device=masked.device) - forced.sum(1)
-    return forced | fixed_commit_counts(conf, masked & ~forced, rest.clamp_min(0))
-
-
 def _stop_tokens(model, eos_token_id) -> tuple[torch.Tensor, int]:
     """The token ids that end a row for early termination (the given EOS, the config's EOS and pad)
     and the id written after them (the config's pad, else the EOS)."""
@@ -187,33 +137,6 @@ def _early_stop_period(early_stop_steps, policy, block_length: int) -> int | Non
     if value is None:
         value = getattr(policy, "early_stop_steps", None)
     return block_length if value == "block" else value
-
-
-SCHEDULES = ("llada", "dream", "spa-dream")
-
-
-def dream_transfer_count(masked: torch.Tensor, step_in_block: int, steps_per_block: int,
-                         at_least_one: bool = False, eps: float = 1e-3) -> int:  # fmt: skip
-    """Tokens Dream's schedule commits at step ``step_in_block`` of a block: ``int(m * (1 - s / t))``
-    with ``t, s`` consecutive entries of ``linspace(1, eps, steps + 1)`` and ``m`` the masked count of
-    ``masked`` (B, b) averaged over the batch (fp32, as the reference), ``int(m)`` at the last step.
-    One host read."""
-    mean = masked.sum().float().cpu() / masked.shape[0]
-    if step_in_block < steps_per_block - 1:
-        times = torch.linspace(1, eps, steps_per_block + 1)
-        count = int(mean * (1 - times[step_in_block + 1] / times[step_in_block]))
-    else:
-        count = int(mean)
-    return max(count, 1) if at_least_one else count
-
-
-def _step_count(schedule, fixed_schedule, row_counts, masked, step_in_block):
-    """The fixed-count rule's tokens this step: an int, or (B,) per row under early termination."""
-    if schedule != "llada":
-        return dream_transfer_count(masked, step_in_block, len(fixed_schedule), schedule == "spa-dream")
-    if row_counts is not None:
-        return row_counts[:, step_in_block]
-    return fixed_schedule[step_in_block]
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -381,6 +304,7 @@ def generate(
     backend: str | None = None,
     seed: int | list[int] | torch.Tensor = 0,
     progress: bool = False,
+    on_step=None,
 ) -> GenerationOutput:
     """Decode ``gen_length`` masked tokens after each prompt with a caching policy.
 
@@ -421,6 +345,9 @@ def generate(
         backend: "auto" | "triton" | "torch" for every op; None (default): ``SPACACHE_BACKEND``, else
             "auto".
         progress: show a tqdm bar over steps.
+        on_step: None, or a callable ``on_step(step, plan)`` called at the start of every step with
+            the step index and the policy's :class:`StepPlan` (before the step runs); an exception
+            it raises ends generate() (the policy is still released).
 
     Returns:
         GenerationOutput(sequences (B, P + G) int64, stats).
@@ -486,14 +413,16 @@ def generate(
     start_time = time.perf_counter()
     step = 0
     block_of_row = torch.zeros(batch, dtype=torch.int64, device=device)
-    fixed_schedule = transfer_schedule(block_length, steps // num_blocks) if fixed else None
+    rule = unmasking_rule(threshold, factor, block_length=block_length, steps_per_block=steps // num_blocks,
+                          schedule=schedule)  # fmt: skip
+    steps_per_block = steps // num_blocks
     block_index, step_in_block = 0, 0  # host-side, meaningful in lockstep mode
     committed = None
     first_nan_step = torch.full((), -1, dtype=torch.int64, device=device)
     row_counts = None  # (B, steps per block): fixed-count schedule per row under early termination
     while True:
         if fixed and early:
-            if step_in_block >= len(fixed_schedule):  # the block's steps are used up
+            if step_in_block >= steps_per_block:  # the block's steps are used up
                 block_index, step_in_block = block_index + 1, 0
             # Skip every block no row has a mask left in (one host read per step).
             target = int(first_masked_block(tokens, prompt_len, mask_id, block_length).min())
@@ -504,12 +433,12 @@ def generate(
             if step_in_block == 0:
                 lo = prompt_len + block_index * block_length
                 block_masked = (tokens[:, lo : lo + block_length] == mask_id).sum(1)
-                row_counts = row_transfer_schedule(block_masked, len(fixed_schedule))
+                row_counts = row_transfer_schedule(block_masked, steps_per_block)
             block_of_row.fill_(block_index)
         elif fixed:
             if step >= steps:
                 break
-            block_index, step_in_block = divmod(step, len(fixed_schedule))
+            block_index, step_in_block = divmod(step, steps_per_block)
             block_of_row.fill_(block_index)
         block_start = prompt_len + block_of_row * block_length
         state = DecodeState(
@@ -519,6 +448,8 @@ def generate(
         )  # fmt: skip
         policy.begin_step(state)
         plan = policy.plan(step)
+        if on_step is not None:
+            on_step(step, plan)
         stats.plan_kinds[plan.kind] = stats.plan_kinds.get(plan.kind, 0) + 1
         runtime.step(tokens, plan)
         positions = block_start[:, None] + offsets  # (B, b)
@@ -533,17 +464,7 @@ def generate(
             density = canvas_density(tokens[:, prompt_len:] != mask_id, certainty_prior)
             conf = conf * torch.gather(density, 1, positions - prompt_len)
         forced = policy.forced_commit(state)
-        count = _step_count(schedule, fixed_schedule, row_counts, masked, step_in_block) if fixed else None
-        if forced is not None:
-            commit = _with_forced(forced & masked, conf, masked, count)
-        elif isinstance(count, torch.Tensor):
-            commit = fixed_commit_counts(conf, masked, count)
-        elif fixed:
-            commit = fixed_commit(conf, masked, count)
-        elif threshold is not None:
-            commit = threshold_commit(conf, masked, threshold)
-        else:
-            commit = factor_commit(conf, masked, factor)
+        commit = rule.commit(conf, masked, step_in_block=step_in_block, row_counts=row_counts, forced=forced)
         tokens.scatter_(1, positions, torch.where(commit, token, current))
         committed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, positions, commit)
         if early and (step + 1) % early == 0:

@@ -25,8 +25,12 @@ Model arguments (``--model_args key=value,...``):
 
 * ``pretrained``: checkpoint directory (LLaDA / Dream layout, see ``load_model``).
 * ``policy``: any spelling ``generate()`` accepts: a registered name (``spacache_kernels.policies.
-  POLICIES``) or a name with a published preset (``spa:llada-8b``); any further argument the policy's
+  POLICIES``), a name with a published preset (``spa:llada-8b``) or ``package.module:Class`` for a
+  policy defined outside the package; any further argument the policy's
   constructor accepts (``max_update_ratio``, ``proxy_rank``, ``refresh_steps``, ...) is passed to it.
+* ``decode``: a decoding preset of ``spacache_kernels.decoding.DECODE_PRESETS`` (``spa-gsm8k``,
+  ``fast-dllm``, ``spa-llada-8b-math``, ...); the arguments below override it, and unset ones come
+  from the shared ``DecodeConfig`` defaults (gen 256, steps = gen_length, block 32, fixed count).
 * ``gen_length``, ``steps`` (default = gen_length), ``block_length``, ``threshold`` / ``factor``,
   ``temperature``, ``seed`` (default: lm-eval's torch seed; each request samples with its own seed
   derived from it and the request, so repeats differ and batching never changes a sample),
@@ -63,10 +67,11 @@ import torch
 from lm_eval.api.model import LM
 
 from spacache_kernels import _lm_eval_hook as _hook
+from spacache_kernels.decoding import decode_config
 from spacache_kernels.generate import generate
 from spacache_kernels.models import load_model
 from spacache_kernels.ops._dispatch import BACKENDS
-from spacache_kernels.policies import POLICIES, make_policy
+from spacache_kernels.policies import make_policy, policy_class
 from spacache_kernels.text import HFTokenizer
 from spacache_kernels.tiny_dlm import CharTokenizer
 
@@ -136,15 +141,14 @@ def _validate_decoding(gen_length, steps, block_length, threshold, factor, tempe
 def _check_policy(policy, policy_kwargs: dict) -> None:
     """Any spelling generate() accepts ("spa", "spa:llada-8b", "fast-dllm-dual", ...); the other
     model_args must be arguments of that policy."""
-    key = str(policy).partition(":")[0].strip().lower().replace("-", "_")
-    if key in POLICIES:
-        accepted = inspect.signature(POLICIES[key].__init__).parameters
-        unknown = sorted(k for k in policy_kwargs if k not in accepted)
-        if unknown:
-            raise ValueError(
-                f"model_args: {unknown} are neither wrapper arguments nor arguments of policy {key!r} "
-                f"(it accepts {sorted(k for k in accepted if k != 'self')})"
-            )
+    cls, _ = policy_class(str(policy))  # unknown names, presets and modules: named errors
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(k for k in policy_kwargs if k not in accepted)
+    if unknown:
+        raise ValueError(
+            f"model_args: {unknown} are neither wrapper arguments nor arguments of policy {policy!r} "
+            f"(it accepts {sorted(k for k in accepted if k != 'self')})"
+        )
     make_policy(str(policy), **policy_kwargs)  # unknown names and presets, bad values: named errors
 
 
@@ -155,12 +159,13 @@ class SpaCacheLM(LM):
         self,
         pretrained: str,
         policy: str = "spa",
-        gen_length: int = 256,
+        gen_length: int | None = None,
         steps: int | None = None,
-        block_length: int = 32,
+        block_length: int | None = None,
         threshold: float | None = None,
         factor: float | None = None,
-        temperature: float = 0.0,
+        temperature: float | None = None,
+        decode: str | None = None,
         backend: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
@@ -175,12 +180,16 @@ class SpaCacheLM(LM):
         for name in _HARNESS_ARGS:
             policy_kwargs.pop(name, None)
         # Everything that can be checked without the weights is checked before loading them.
-        self.gen_length = _as_int("gen_length", gen_length)
-        self.steps = _as_int("steps", steps) if steps is not None else self.gen_length
-        self.block_length = _as_int("block_length", block_length)
-        self.threshold = _as_float("threshold", threshold)
-        self.factor = _as_float("factor", factor)
-        self.temperature = _as_float("temperature", temperature)
+        # Unset decoding arguments come from the shared DecodeConfig (a preset with decode=NAME).
+        cfg = decode_config(decode, gen_length=gen_length, steps=steps, block_length=block_length,
+                            threshold=threshold, factor=factor, temperature=temperature)  # fmt: skip
+        self.gen_length = _as_int("gen_length", cfg.gen_length)
+        self.steps = _as_int("steps", cfg.steps) if cfg.steps is not None else self.gen_length
+        self.block_length = _as_int("block_length", cfg.block_length)
+        self.threshold = _as_float("threshold", cfg.threshold)
+        self.factor = _as_float("factor", cfg.factor)
+        self.temperature = _as_float("temperature", cfg.temperature)
+        self.confidence, self.schedule = cfg.confidence, cfg.schedule
         _validate_decoding(self.gen_length, self.steps, self.block_length, self.threshold, self.factor,
                            self.temperature, backend)  # fmt: skip
         self.batch_size = _batch_size(batch_size)
@@ -378,6 +387,8 @@ class SpaCacheLM(LM):
             factor=self.factor,
             temperature=temperature,
             eos_token_id=self.eos_token_id,
+            confidence=self.confidence,
+            schedule=self.schedule,
             backend=self.backend,
             seed=seeds,
         )

@@ -29,3 +29,24 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """CUDA when present, else the CPU (kernels then run under the interpreter)."""
     return torch.device("cuda" if _HAS_CUDA else "cpu")
+
+
+# -- shared tiny models (session-scoped: built once; tests must not modify them) --------------------
+@pytest.fixture(scope="session")
+def llada(tmp_path_factory):
+    """A 4-layer LLaDA-layout checkpoint (fp32), loaded through load_model."""
+    from spacache_kernels.models import load_model
+    from tests.models.checkpoints import write_llada_checkpoint
+
+    path = write_llada_checkpoint(tmp_path_factory.mktemp("llada"), n_layers=4, max_sequence_length=64)
+    return load_model(path, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def dream(tmp_path_factory):
+    """A 4-layer Dream-layout (Qwen2, shifted logits) checkpoint (fp32), loaded through load_model."""
+    from spacache_kernels.models import load_model
+    from tests.models.checkpoints import write_dream_checkpoint
+
+    path = write_dream_checkpoint(tmp_path_factory.mktemp("dream"), num_hidden_layers=4)
+    return load_model(path, dtype=torch.float32)

@@ -91,10 +91,10 @@ def test_spa_full_budget_and_refresh_every_step_equals_vanilla(llada, backend):
 class _SelectEverything(SpaCache):
     """SPA whose partial steps select every generated row explicitly (exercises gather/scatter)."""
 
-    def select(self, layer, normed, plan):
-        picked = super().select(layer, normed, plan)
-        if plan.kind == "partial" and layer > 0:
-            batch, rows = normed.shape[:2]
+    def select(self, ctx):
+        picked = super().select(ctx)
+        if ctx.plan.kind == "partial" and ctx.layer > 0:
+            batch, rows = ctx.normed.shape[:2]
             return torch.arange(rows).expand(batch, rows)
         return picked
 

@@ -5,7 +5,7 @@ and the generated rows ``sel`` the policy picks (``None`` = all):
 
     h   = rms_norm(x)                                    ops.rms_norm
     V   = gather_linear(h, None, Wv)                     first, when the plan needs V of every live row
-    sel = policy.select(layer, h, plan)                  (SPA: fused proxy projection + drift top-k;
+    sel = policy.select(ctx)                             (SPA: fused proxy projection + drift top-k;
                                                           dLLM-Cache: cosine of V against the V cache)
     K,V = gather_linear(h, rows, Wk / Wv) -> RoPE(K)     rows = all live rows, or sel (sparse K/V)
           written into the preallocated K/V cache at their absolute positions
@@ -23,17 +23,30 @@ depends on host-side integers only (budgets, lengths, the plan's row count), nev
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from spacache_kernels.ops.attention import sparse_attention
+from spacache_kernels.contract import LayerContext, StepPlan, check_selection, debug_checks_enabled
 from spacache_kernels.ops.confidence import token_confidence
-from spacache_kernels.ops.linear import gather_linear, gather_swiglu
-from spacache_kernels.ops.norm import rms_norm
-from spacache_kernels.ops.scatter import scatter_residual, scatter_rows_
-from spacache_kernels.policies.base import CachePolicy, StepPlan
+from spacache_kernels.ops.launchers import launchers_for
 
 MEASURES = ("max_prob", "margin", "neg_entropy")
+
+
+@dataclass
+class _Live:
+    """The live rows of a step: ``[lo, hi)`` (or ``rows`` (B, n) absolute positions), their RoPE
+    positions (B, R), their count R, and where the generated region starts among them."""
+
+    lo: int
+    hi: int
+    rows: torch.Tensor | None
+    positions: torch.Tensor
+    count: int
+    gen_offset: int  # select() indices are relative to the generated region; the live rows start at lo
+    selectable: bool
 
 
 def confidence_measure(normed: torch.Tensor, lm_head: torch.Tensor, measure: str, temperature: float = 0.0):
@@ -62,11 +75,16 @@ class DenoiseRuntime:
         backend: op backend ("auto" | "triton" | "torch" | None).
     """
 
-    def __init__(self, model, attention_mask: torch.Tensor, prompt_len: int, policy: CachePolicy, backend):
+    def __init__(self, model, attention_mask: torch.Tensor, prompt_len: int, policy, backend):
         cfg = model.config
         self.model = model
         self.policy = policy
-        self.backend = backend
+        # Backend resolved and launchers chosen once per generation (ops.launchers); the hot path
+        # below calls them unvalidated: shapes, dtypes and devices are fixed by the model and the plan.
+        self.ops = launchers_for(backend, model.lm_head, head_dim=cfg.head_dim)
+        self.backend = self.ops.backend
+        self.norm_eps = float(cfg.norm_eps)
+        self.rope = (model.rope_cos, model.rope_sin)
         self.prompt_len = prompt_len
         batch, total = attention_mask.shape
         self.total_len = total
@@ -91,7 +109,7 @@ class DenoiseRuntime:
         self.hidden = torch.empty(batch, total, cfg.d_model, device=dev, dtype=dt)
         # Positions whose last-layer state was recomputed by the latest step (decide_fresh_only).
         self.fresh = torch.zeros(batch, total, dtype=torch.bool, device=dev)
-        self.layer_values = None  # V of the live rows while select() runs (dense-V plans)
+        self.debug = debug_checks_enabled()  # value checks of the policy's answers (host syncs)
         self.expanded = False  # whether the latest step switched to full recomputation mid-way
         self.last_plan: StepPlan | None = None  # the plan of the latest step (decide() reads it)
         self.layer_rows = np.zeros(cfg.n_layers, dtype=np.int64)  # recomputed rows per layer (per row)
@@ -157,125 +175,129 @@ class DenoiseRuntime:
             cache[:, lo : lo + new.shape[1]] = new.view(cache[:, lo : lo + new.shape[1]].shape)
             return
         target = (sub + lo) if rows is None else (rows if sub is None else torch.gather(rows, 1, sub))
-        scatter_rows_(cache.view(batch, -1, width), target, new, backend=self.backend, check_indices=False)
+        self.ops.scatter_rows_(cache.view(batch, -1, width), target, new)
 
     def step(self, tokens: torch.Tensor, plan: StepPlan) -> None:
         """Run one denoising step over ``tokens`` (B, T); updates caches and ``self.hidden``."""
-        model, cfg, backend, policy = self.model, self.model.config, self.backend, self.policy
         lo, hi, rows = self._live(plan)
         self.last_plan = plan
-        prompt_len = self.prompt_len
         if rows is None:
-            x = model.embed_tokens(tokens[:, lo:hi])  # (B, R, d)
+            x = self.model.embed_tokens(tokens[:, lo:hi])  # (B, R, d)
             pos_live = self.positions[:, lo:hi]
         else:
-            x = model.embed_tokens(torch.gather(tokens, 1, rows))
+            x = self.model.embed_tokens(torch.gather(tokens, 1, rows))
             pos_live = torch.gather(self.positions, 1, rows)
-        batch, live = x.shape[:2]
-        # select() indices are relative to the generated region; the live rows start at lo.
-        gen_offset = prompt_len - lo  # 0 for region "gen", P for "all"
-        selectable = rows is None and lo <= prompt_len and hi == self.total_len
-        rope = (model.rope_cos, model.rope_sin)
-        hq, dh = cfg.n_heads, cfg.head_dim
-        kv_width = cfg.n_kv_heads * cfg.head_dim
+        live = _Live(lo, hi, rows, pos_live, x.shape[1], self.prompt_len - lo, False)
+        live.selectable = rows is None and lo <= self.prompt_len and hi == self.total_len
         expanded = False
-        for li, layer in enumerate(model.layers):
-            h = rms_norm(x, layer.attn_norm, cfg.norm_eps, backend=backend)
-            w_k, w_v = layer.w_kv[:kv_width], layer.w_kv[kv_width:]
-            b_k = b_v = None
-            if layer.b_kv is not None:
-                b_k, b_v = layer.b_kv[:kv_width], layer.b_kv[kv_width:]
-            # V of every live row first when the plan needs it densely, so select() can read it.
-            v_dense = not plan.sparse_kv or plan.dense_v or expanded
-            v_new = gather_linear(h, None, w_v, b_v, backend=backend) if v_dense else None
-            self.layer_values = v_new
-            sel = None if expanded else policy.select(li, h, plan)
-            self.layer_values = None
-            if sel is not None and self.branch is None:
-                raise ValueError(f"policy {policy!r}: select() returned rows but needs_branch_cache is False")
-            if sel is not None and not selectable:
-                raise ValueError(
-                    f"policy {policy!r}: select() returned rows for a plan whose live rows do not cover "
-                    "the generated region contiguously"
-                )
-            if sel is not None and gen_offset:
-                # Region "all": every prompt row is recomputed, plus the selected generated rows.
-                prompt_rows = torch.arange(gen_offset, device=sel.device).expand(batch, -1)
-                q_rows = torch.cat([prompt_rows, sel + gen_offset], dim=1)
-            else:
-                q_rows = sel
-            pos_q = pos_live if q_rows is None else torch.gather(pos_live, 1, q_rows)
-            n_q = live if q_rows is None else q_rows.shape[1]
-
-            kv_rows = q_rows if (plan.sparse_kv and not expanded) else None
-            kv_pos = pos_q if kv_rows is not None else pos_live
-            k_new = gather_linear(
-                h, kv_rows, w_k, b_k, rope=rope, positions=kv_pos, backend=backend, check_indices=False
-            )
-            if v_new is None:
-                v_new = gather_linear(h, kv_rows, w_v, b_v, backend=backend, check_indices=False)
-            k_layer, v_layer = self.k_cache[li], self.v_cache[li]  # (B, T, Hkv, Dh), contiguous
-            self._write_rows(k_layer, k_new, lo, rows, kv_rows)
-            self._write_rows(v_layer, v_new, lo, rows, None if v_dense else kv_rows)
-
-            q = gather_linear(
-                h, q_rows, layer.w_q, layer.b_q, rope=rope, positions=pos_q, backend=backend,
-                check_indices=False,
-            )  # fmt: skip
-            self.expanded = expanded  # tells attention_rows() which row space the queries are in
-            prob_rows = policy.attention_rows(li, plan)
-            attn, probs = sparse_attention(
-                q.view(batch, n_q, hq, dh), k_layer, v_layer, self.key_padding, prob_rows=prob_rows,
-                backend=backend, check_indices=False,
-            )  # fmt: skip
-            if probs is not None:
-                policy.observe_attention(li, probs)
-            o = gather_linear(attn.reshape(batch, n_q, hq * dh), None, layer.w_o, layer.b_o, backend=backend)
-            if q_rows is None:
-                y = x + o
-            else:
-                y = torch.gather(x, 1, q_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1])) + o
-            g = rms_norm(y, layer.ffn_norm, cfg.norm_eps, backend=backend)
-            ffn = gather_linear(
-                gather_swiglu(g, None, layer.w_gate, layer.w_up, backend=backend), None, layer.w_down,
-                backend=backend,
-            )  # fmt: skip
-            delta = o + ffn
-            if sel is None:
-                x = x + delta
-                if self.branch is not None and rows is None and hi == self.total_len:
-                    # The branch cache covers the generated region [P, T).
-                    first = max(lo, prompt_len)
-                    self.branch[li][:, first - prompt_len :].copy_(delta[:, first - lo :])
-            else:
-                x_gen = scatter_residual(
-                    x[:, gen_offset:], self.branch[li], sel, delta[:, gen_offset:], backend=backend,
-                    check_indices=False,
-                )  # fmt: skip
-                if gen_offset:  # region "all": the prompt rows were all recomputed
-                    x_gen = torch.cat([x[:, :gen_offset] + delta[:, :gen_offset], x_gen], dim=1)
-                x = x_gen
-
-            self.layer_rows[li] += n_q * batch
-            k_count = n_q if kv_rows is not None else live
-            self.flops += self._layer_flops(batch, n_q, k_count, live if v_dense else k_count)
-
+        n_layers = len(self.model.layers)
+        for li in range(n_layers):
+            x = self._layer(li, x, plan, live, expanded)
             if self.layer_out is not None:
-                self._write_rows(self.layer_out[li], x, lo, rows, None)
-                if not expanded and policy.expand_after(li, plan) and li + 1 < len(model.layers):
+                self._write_rows(self.layer_out[li], x, live.lo, live.rows, None)
+                if not expanded and self.policy.expand_after(li, plan) and li + 1 < n_layers:
                     # Deeper layers recompute every position from this layer's (partly cached) output.
                     expanded = True
                     x = self.layer_out[li].clone()
-                    lo, hi, rows, live = 0, self.total_len, None, self.total_len
-                    pos_live = self.positions
-                    gen_offset, selectable = prompt_len, False
-        self._write_rows(self.hidden, x, lo, rows, None)
+                    live = _Live(
+                        0, self.total_len, None, self.positions, self.total_len, self.prompt_len, False
+                    )
+        self._write_rows(self.hidden, x, live.lo, live.rows, None)
         self.fresh.zero_()
-        if rows is None:
-            self.fresh[:, lo:hi] = True
+        if live.rows is None:
+            self.fresh[:, live.lo : live.hi] = True
         else:
-            self.fresh.scatter_(1, rows, True)
+            self.fresh.scatter_(1, live.rows, True)
         self.expanded = expanded
+
+    def _select(self, li: int, x, h, v_new, plan: StepPlan, live: _Live) -> torch.Tensor | None:
+        """The policy's generated rows for layer ``li`` (checked), or None (all live rows)."""
+        gen = slice(live.gen_offset, live.count) if live.selectable else None
+        ctx = LayerContext(li, plan, x, h, gen, v_new, self.k_cache[li], self.v_cache[li], self.backend)
+        sel = self.policy.select(ctx)
+        if sel is None:
+            return None
+        check_selection(self.policy, sel, layer=li, batch=x.shape[0], gen_len=self.gen_len, values=self.debug)
+        if self.branch is None:
+            raise ValueError(
+                f"policy {self.policy!r}: select() returned rows but needs_branch_cache is False"
+            )
+        if not live.selectable:
+            raise ValueError(
+                f"policy {self.policy!r}: select() returned rows for a plan whose live rows do not cover "
+                "the generated region contiguously"
+            )
+        return sel
+
+    def _layer(self, li: int, x: torch.Tensor, plan: StepPlan, live: _Live, expanded: bool) -> torch.Tensor:
+        """One layer over the live rows ``x`` (B, R, d): select, K/V update, attention, FFN, residual."""
+        ops, layer, cfg, policy = self.ops, self.model.layers[li], self.model.config, self.policy
+        batch = x.shape[0]
+        h = ops.rms_norm(x, layer.attn_norm, self.norm_eps)
+        kv_width = cfg.n_kv_heads * cfg.head_dim
+        w_k, w_v = layer.w_kv[:kv_width], layer.w_kv[kv_width:]
+        b_k = b_v = None
+        if layer.b_kv is not None:
+            b_k, b_v = layer.b_kv[:kv_width], layer.b_kv[kv_width:]
+        # V of every live row first when the plan needs it densely, so select() can read it.
+        v_dense = not plan.sparse_kv or plan.dense_v or expanded
+        v_new = ops.linear(h, None, w_v, b_v) if v_dense else None
+        sel = None if expanded else self._select(li, x, h, v_new, plan, live)
+        if sel is not None and live.gen_offset:
+            # Region "all": every prompt row is recomputed, plus the selected generated rows.
+            prompt_rows = torch.arange(live.gen_offset, device=sel.device).expand(batch, -1)
+            q_rows = torch.cat([prompt_rows, sel + live.gen_offset], dim=1)
+        else:
+            q_rows = sel
+        pos_q = live.positions if q_rows is None else torch.gather(live.positions, 1, q_rows)
+        n_q = live.count if q_rows is None else q_rows.shape[1]
+
+        # K (with RoPE) and V of the recomputed rows, written into the caches at their positions.
+        kv_rows = q_rows if (plan.sparse_kv and not expanded) else None
+        kv_pos = pos_q if kv_rows is not None else live.positions
+        k_new = ops.linear(h, kv_rows, w_k, b_k, rope=self.rope, positions=kv_pos)
+        if v_new is None:
+            v_new = ops.linear(h, kv_rows, w_v, b_v)
+        k_layer, v_layer = self.k_cache[li], self.v_cache[li]  # (B, T, Hkv, Dh), contiguous
+        self._write_rows(k_layer, k_new, live.lo, live.rows, kv_rows)
+        self._write_rows(v_layer, v_new, live.lo, live.rows, None if v_dense else kv_rows)
+
+        # Attention of the recomputed queries over every key, then the output projection.
+        hq, dh = cfg.n_heads, cfg.head_dim
+        q = ops.linear(h, q_rows, layer.w_q, layer.b_q, rope=self.rope, positions=pos_q)
+        self.expanded = expanded  # tells attention_rows() which row space the queries are in
+        prob_rows = policy.attention_rows(li, plan)
+        attn, probs = ops.attention(q.view(batch, n_q, hq, dh), k_layer, v_layer, self.key_padding, prob_rows)
+        if probs is not None:
+            policy.observe_attention(li, probs)
+        o = ops.linear(attn.reshape(batch, n_q, hq * dh), None, layer.w_o, layer.b_o)
+        if q_rows is None:
+            y = x + o
+        else:
+            y = torch.gather(x, 1, q_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1])) + o
+        g = ops.rms_norm(y, layer.ffn_norm, self.norm_eps)
+        ffn = ops.linear(ops.swiglu(g, None, layer.w_gate, layer.w_up), None, layer.w_down, None)
+        delta = o + ffn
+
+        self.layer_rows[li] += n_q * batch
+        k_count = n_q if kv_rows is not None else live.count
+        self.flops += self._layer_flops(batch, n_q, k_count, live.count if v_dense else k_count)
+        return self._residual(li, x, delta, sel, live)
+
+    def _residual(self, li: int, x, delta, sel, live: _Live) -> torch.Tensor:
+        """The layer output: ``x + delta`` for recomputed rows, ``x + cached branch`` for the others
+        (the branch cache keeps ``delta`` of the generated rows for later steps)."""
+        if sel is None:
+            if self.branch is not None and live.rows is None and live.hi == self.total_len:
+                # The branch cache covers the generated region [P, T).
+                first = max(live.lo, self.prompt_len)
+                self.branch[li][:, first - self.prompt_len :].copy_(delta[:, first - live.lo :])
+            return x + delta
+        off = live.gen_offset
+        x_gen = self.ops.scatter_residual(x[:, off:], self.branch[li], sel, delta[:, off:])
+        if off:  # region "all": the prompt rows were all recomputed
+            x_gen = torch.cat([x[:, :off] + delta[:, :off], x_gen], dim=1)
+        return x_gen
 
     # ------------------------------------------------------------------------------------------
     def decide(
@@ -302,7 +324,7 @@ class DenoiseRuntime:
         if cfg.shift_logits and self.last_plan is not None and self.last_plan.first_gen_own_logit:
             src = torch.where(positions == self.prompt_len, positions, src)
         rows = torch.gather(self.hidden, 1, src.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1]))
-        normed = rms_norm(rows, model.final_norm, cfg.norm_eps, backend=self.backend)
+        normed = self.ops.rms_norm(rows, model.final_norm, self.norm_eps)
         self.flops += 2 * rows.shape[0] * rows.shape[1] * cfg.d_model * model.lm_head.shape[0]
         token, conf = token_confidence(
             normed, model.lm_head, None, temperature=temperature, seed=seed, suppress_token=model.mask_id,

@@ -13,83 +13,31 @@ Further hooks let a policy read chosen attention-probability rows (``attention_r
 ``observe_attention``), switch the deeper layers of a step to full recomputation
 (``expand_after``, with a per-layer output cache) and see what each step committed (``end_step``).
 Every policy drives the same runtime and kernels; only these decisions differ.
+
+The shared types (:class:`StepPlan`, :class:`DecodeState`, :class:`GenerationShape`,
+:class:`LayerContext`) live in :mod:`spacache_kernels.contract`, below both this module and the
+runtime; the rules are written out in ``docs/policies.md``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import inspect
 
 import torch
 
-Region = Literal["all", "gen"] | tuple[int, int]
+from spacache_kernels.contract import DecodeState, GenerationShape, LayerContext, Region, StepPlan
 
-
-@dataclass(frozen=True, eq=False)
-class StepPlan:
-    """What one denoising step recomputes.
-
-    region: ``"all"`` = every token (prompt + generated) runs through every layer and every cache is
-        rebuilt; ``"gen"`` = only the generated region runs, the prompt contributes its cached K/V;
-        ``(start, stop)`` = the absolute positions ``[start, stop)`` run (Fast-dLLM's block / suffix).
-    kind: a label for statistics ("full", "gen", "partial", ...).
-    sparse_kv: recompute K/V only for the selected rows (else for every live row, as the references).
-    dense_v: with ``sparse_kv``, still compute V for every live row (dLLM-Cache's V-verify: only K is
-        sparse); the fresh V of the live rows is then visible to ``select`` as ``runtime.layer_values``.
-    rows: (B, n) int64 absolute positions, non-decreasing per row, or None. When given it replaces
-        ``region``: exactly these positions run (per-row sets of different sizes are padded by
-        repeating a row's last position: a repeated row computes and writes identical values).
-        ``select`` must return None for such plans.
-    first_gen_own_logit: shifted-logit models (Dream): predict generated token 0 from the hidden state
-        at its own position ``P`` instead of ``P - 1`` (what the references do when their logits cover
-        only the generated region, so the shift wraps token 0 onto itself).
-    """
-
-    region: Region
-    kind: str
-    sparse_kv: bool = False
-    dense_v: bool = False
-    rows: torch.Tensor | None = None
-    first_gen_own_logit: bool = False
-
-
-@dataclass
-class GenerationShape:
-    """Sizes fixed for one generate() call, handed to ``CachePolicy.reset``.
-
-    unmasking: "fixed" | "threshold" | "factor"; steps_per_block: fixed-count steps per block.
-    """
-
-    batch: int
-    prompt_len: int
-    gen_len: int
-    device: torch.device
-    backend: str | None = None
-    block_length: int | None = None
-    steps_per_block: int | None = None
-    unmasking: str = "fixed"
-
-
-@dataclass
-class DecodeState:
-    """The decoding state ``generate`` shows the policy before each step (and after, with ``committed``).
-
-    tokens: (B, T) current tokens (mask id where still masked).
-    block_start: (B,) int64 absolute position of each row's current block.
-    block_index: the current block when blocks advance in lockstep (fixed count, or a policy with
-        ``lockstep_blocks``), else None. step_in_block: steps taken in that block before this one.
-    committed: (B, T) bool, the positions committed by the previous step (None on step 0).
-    """
-
-    step: int
-    tokens: torch.Tensor
-    block_start: torch.Tensor
-    block_length: int
-    block_index: int | None
-    step_in_block: int | None
-    mask_id: int
-    committed: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
+__all__ = [
+    "CachePolicy",
+    "DecodeState",
+    "GenerationShape",
+    "LayerContext",
+    "Region",
+    "StepPlan",
+    "check_early_stop_steps",
+    "check_fraction",
+    "check_positive_int",
+]
 
 
 class CachePolicy:
@@ -108,6 +56,9 @@ class CachePolicy:
             step may be committed (the others hold stale states).
         early_stop_steps: the policy's published early-termination period, used by ``generate()``
             when its own ``early_stop_steps`` is None (an int, ``"block"``, or None: off).
+        row_state: per-row state, declared once: attribute name -> the dimension that indexes batch
+            rows. When finished rows leave the batch the base :meth:`drop_rows` trims every declared
+            attribute that holds a tensor (None is skipped), so subclasses need no ``drop_rows``.
 
     Every policy inherits one deliberate deviation from the references, made in ``generate()``: the
     mask token is never predicted (the references take the argmax over the whole vocabulary and can
@@ -122,6 +73,7 @@ class CachePolicy:
     decide_fresh_only = False
     early_stop_steps: int | str | None = None
     backend: str | None = None  # None: use generate()'s backend
+    row_state: dict[str, int] = {}
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> CachePolicy:
@@ -153,12 +105,15 @@ class CachePolicy:
         """The plan of global step ``step`` (0-based, counted over the whole generation)."""
         return StepPlan(region="all", kind="full")
 
-    def select(self, layer: int, normed: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
-        """Generated rows to recompute in ``layer``: (B, k) int64 ascending, relative to the generated
-        region (``0`` = position ``P``), or None (all live rows).
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        """Generated rows to recompute in layer ``ctx.layer``: (B, k) int64 strictly ascending,
+        relative to the generated region (``0`` = position ``P``), or None (all live rows).
 
-        normed: the attention-normed live rows (B, R, d) of this layer (R = T for region "all",
-        G for "gen"). With region "all" the prompt rows are always recomputed.
+        ``ctx`` (:class:`~spacache_kernels.contract.LayerContext`) holds the live rows of this layer
+        (raw and normed), the slice of them that is the generated region, the fresh V when the plan
+        computes it densely, and the layer's K/V caches. With region "all" the prompt rows are always
+        recomputed. The runtime checks the answer's shape and dtype (and, with ``SPACACHE_DEBUG=1``,
+        its range and order) and names the policy when it is wrong.
         """
         return None
 
@@ -189,7 +144,13 @@ class CachePolicy:
         return self.backend if self.backend is not None else self.shape.backend
 
     def drop_rows(self, keep: torch.Tensor) -> None:
-        """Forget finished batch rows: ``keep`` (B,) bool marks the rows that stay."""
+        """Forget finished batch rows: ``keep`` (B,) bool marks the rows that stay. Trims every
+        attribute declared in ``row_state``; override (and call ``super()``) only for state that
+        is not a plain tensor indexed by batch row."""
+        for name, dim in self.row_state.items():
+            value = getattr(self, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(self, name, value[(slice(None),) * dim + (keep,)])
 
     def release(self) -> None:
         """Drop everything one generation attached (model, runtime, caches, state); called by
@@ -204,7 +165,16 @@ class CachePolicy:
                 delattr(self, name)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        """Every constructor setting: ``Name(a=1, b='x')`` (the attribute of each ``__init__``
+        parameter; parameters not stored under their own name are left out)."""
+        params = inspect.signature(type(self).__init__).parameters
+        skip = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+        shown = [
+            f"{name}={getattr(self, name)!r}"
+            for name, param in params.items()
+            if name != "self" and param.kind not in skip and hasattr(self, name)
+        ]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 def _is_small(value) -> bool:

@@ -171,6 +171,7 @@ class D2Cache(CachePolicy):
     """
 
     name = "d2cache"
+    row_state = {"conf": 0, "_block_masked": 0, "next_rows": 0}
     lockstep_blocks = True
     decide_fresh_only = True
 
@@ -319,12 +320,6 @@ class D2Cache(CachePolicy):
         conf = torch.nan_to_num(conf.float(), neginf=0.0)
         self.conf = padded.scatter(1, slot, conf)[:, :gen_len]
         self.flops += 2 * target.numel() * self.model.config.d_model * self.model.lm_head.shape[0]
-
-    def drop_rows(self, keep) -> None:
-        self.conf = self.conf[keep]
-        self._block_masked = self._block_masked[keep]
-        if self.next_rows is not None:
-            self.next_rows = self.next_rows[keep]
 
     def __repr__(self) -> str:
         return (

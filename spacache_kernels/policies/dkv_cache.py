@@ -37,6 +37,7 @@ class DKVCacheDecode(CachePolicy):
     """
 
     name = "dkv_decode"
+    row_state = {"_masked_now": 0}
     presets = PRESETS
     lockstep_blocks = True
     decide_fresh_only = True
@@ -65,10 +66,6 @@ class DKVCacheDecode(CachePolicy):
         if i <= 1 or i % self.refresh_interval == 0 or self._masked_prev is None:
             return StepPlan(region="all", kind="full")
         return StepPlan(region="all", kind="cached", rows=rows_from_mask(self._masked_prev))
-
-    def drop_rows(self, keep) -> None:
-        if self._masked_now is not None:
-            self._masked_now = self._masked_now[keep]
 
     def __repr__(self) -> str:
         return f"DKVCacheDecode(refresh_interval={self.refresh_interval}, variant={self.variant!r})"

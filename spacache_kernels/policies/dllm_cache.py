@@ -69,6 +69,7 @@ class DLLMCache(CachePolicy):
     """
 
     name = "dllm_cache"
+    row_state = {"_deeper": 0, "_refresh_branch0": 0}
     presets = PRESETS
     needs_branch_cache = True
 
@@ -98,17 +99,18 @@ class DLLMCache(CachePolicy):
         kind = "prompt" if prompt else "partial"
         return StepPlan(region=region, kind=kind, sparse_kv=partial, dense_v=partial)
 
-    def select(self, layer, normed, plan):
+    def select(self, ctx):
+        layer, plan = ctx.layer, ctx.plan
         if layer == 1 and self.shift:
             # Layer 0's K/V of this step are written by now (select runs before layer 1's writes).
             self._prompt_end(plan)
         if layer == 0 or plan.kind in ("full", "gen") or self.budget is None:
             return None
-        runtime, prompt_len = self.runtime, self.shape.prompt_len
-        values = runtime.layer_values  # (B, R, kv_width): fresh V of the live rows, not yet written
+        prompt_len = self.shape.prompt_len
+        values = ctx.values  # (B, R, kv_width): fresh V of the live rows, not yet written
         v_new = values[:, prompt_len:] if plan.region == "all" else values
         batch, gen_len, width = v_new.shape
-        v_cached = runtime.v_cache[layer][:, prompt_len:].reshape(batch, gen_len, width)
+        v_cached = ctx.v_cache[:, prompt_len:].reshape(batch, gen_len, width)
         self.flops += 3 * batch * gen_len * width  # dot product and two norms
         return drift_bottom_k(v_new, v_cached, self.budget)
 
@@ -146,12 +148,6 @@ class DLLMCache(CachePolicy):
                           layer.w_down, backend=backend)  # fmt: skip
         self.flops += runtime._layer_flops(batch, 1, 0, 0)
         return (o + f)[:, 0]
-
-    def drop_rows(self, keep) -> None:
-        if self._deeper is not None:
-            self._deeper = self._deeper[keep]
-        if self._refresh_branch0 is not None:
-            self._refresh_branch0 = self._refresh_branch0[keep]
 
     def __repr__(self) -> str:
         return (

@@ -51,6 +51,7 @@ class ElasticCache(CachePolicy):
     """
 
     name = "elastic"
+    row_state = {"tracked": 1, "cached_rows": 1, "has_cached": 1}
     lockstep_blocks = True
     decide_fresh_only = True
     needs_layer_outputs = True
@@ -140,11 +141,6 @@ class ElasticCache(CachePolicy):
 
     def end_step(self, state: DecodeState) -> None:
         self._first = False
-
-    def drop_rows(self, keep) -> None:
-        self.tracked = self.tracked[:, keep]
-        self.cached_rows = self.cached_rows[:, keep]
-        self.has_cached = self.has_cached[:, keep]
 
     def __repr__(self) -> str:
         return f"ElasticCache(window={self.window}, gamma={self.gamma}, track_num={self.track_num})"

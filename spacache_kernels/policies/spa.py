@@ -63,6 +63,7 @@ from spacache_kernels.ops.proxy import _resolve_rank, proxy_select, svd_proxy
 from spacache_kernels.policies.base import (
     CachePolicy,
     GenerationShape,
+    LayerContext,
     StepPlan,
     check_early_stop_steps,
     check_positive_int,
@@ -129,8 +130,12 @@ PUBLISHED_RUNS: dict[str, dict] = {
         f"dream-7b-{task}": {
             "script": f"scripts/dream/eval_{task.replace('-', '_')}.sh",
             "generate": {
-                "gen_length": 256, "steps": 256, "block_length": 256, "temperature": 0.2,
-                "confidence": "neg_entropy", "schedule": "spa-dream",
+                "gen_length": 256,
+                "steps": 256,
+                "block_length": 256,
+                "temperature": 0.2,
+                "confidence": "neg_entropy",
+                "schedule": "spa-dream",
             },  # fmt: skip
         }
         for task in ("gsm8k", "math", "humaneval", "mbpp", "bbh", "gpqa", "mmlu-pro")
@@ -200,6 +205,7 @@ class SpaCache(CachePolicy):
     """
 
     name = "spa"
+    row_state = {"proxy_cache": 1}
     presets = PUBLISHED
     needs_branch_cache = True
 
@@ -340,7 +346,8 @@ class SpaCache(CachePolicy):
             return StepPlan(region=region, kind="gen", first_gen_own_logit=own)
         return StepPlan(region=region, kind="partial", sparse_kv=self.sparse_kv, first_gen_own_logit=own)
 
-    def select(self, layer: int, normed: torch.Tensor, plan: StepPlan) -> torch.Tensor | None:
+    def select(self, ctx: LayerContext) -> torch.Tensor | None:
+        layer, normed, plan = ctx.layer, ctx.normed, ctx.plan
         if layer == 0:
             return None
         # The live rows end with the generated region; anything before it is prompt (recomputed).
@@ -354,9 +361,6 @@ class SpaCache(CachePolicy):
         batch, rows, width = gen_rows.shape
         self.flops += 2 * batch * rows * width * self.proj[layer].shape[1]
         return idx if budget is not None else None
-
-    def drop_rows(self, keep: torch.Tensor) -> None:
-        self.proxy_cache = self.proxy_cache[:, keep]
 
     def __repr__(self) -> str:
         return (
