@@ -192,17 +192,10 @@ def _raise_if_nan(first_nan_step: torch.Tensor) -> None:
         )
 
 
-def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
-              temperature, backend, eos_token_id=None, certainty_prior=None, confidence="max_prob",
-              schedule="llada"):  # fmt: skip
-    if not isinstance(model, DiffusionLM):
-        raise TypeError(f"model: expected a DiffusionLM (see load_model), got {type(model).__name__}")
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"input_ids: expected an int64 or int32 tensor, got {input_ids.dtype}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids: expected a non-empty (B, P) tensor, got shape {tuple(input_ids.shape)}")
+def validate_decoding(gen_length, steps, block_length, threshold=None, factor=None, temperature=0.0,
+                      backend=None, certainty_prior=None, confidence="max_prob", schedule="llada") -> None:
+    """The checks of generate()'s decoding arguments that need no model or prompt: generate() runs them,
+    and so do the entry points that must fail on a typo before loading weights (lm-eval, the CLI)."""
     _check_int("gen_length", gen_length)
     _check_int("steps", steps)
     _check_int("block_length", block_length)
@@ -211,27 +204,11 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps: expected a multiple of the block count {num_blocks}, got {steps}")
-    cfg = model.config
-    if model.mask_id is None:
-        raise ValueError("model: its config has no mask_token_id, so it cannot decode masked tokens")
-    total = input_ids.shape[1] + gen_length
-    if total > cfg.max_positions:
-        raise ValueError(
-            f"input_ids: prompt length {input_ids.shape[1]} + gen_length {gen_length} exceeds the "
-            f"model's max positions {cfg.max_positions}"
-        )
     for name, value in (("threshold", threshold), ("factor", factor), ("temperature", temperature)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{name}: expected a finite number, got {value}")
-    if eos_token_id is not None and (
-        isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
-        or not 0 <= eos_token_id < cfg.vocab_size
-    ):  # fmt: skip
-        raise ValueError(
-            f"eos_token_id: expected None or a token id in [0, {cfg.vocab_size}), got {eos_token_id!r}"
-        )
     if threshold is not None and factor is not None:
         raise ValueError("threshold / factor: give at most one unmasking rule")
     if threshold is not None and not 0 < threshold <= 1:
@@ -249,6 +226,37 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
         raise ValueError(f"temperature: expected a number >= 0, got {temperature!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+
+
+def _validate(model, input_ids, attention_mask, gen_length, steps, block_length, threshold, factor,
+              temperature, backend, eos_token_id=None, certainty_prior=None, confidence="max_prob",
+              schedule="llada"):  # fmt: skip
+    validate_decoding(gen_length, steps, block_length, threshold, factor, temperature, backend,
+                      certainty_prior, confidence, schedule)  # fmt: skip
+    if not isinstance(model, DiffusionLM):
+        raise TypeError(f"model: expected a DiffusionLM (see load_model), got {type(model).__name__}")
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids: expected an int64 or int32 tensor, got {input_ids.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids: expected a non-empty (B, P) tensor, got shape {tuple(input_ids.shape)}")
+    cfg = model.config
+    if model.mask_id is None:
+        raise ValueError("model: its config has no mask_token_id, so it cannot decode masked tokens")
+    total = input_ids.shape[1] + gen_length
+    if total > cfg.max_positions:
+        raise ValueError(
+            f"input_ids: prompt length {input_ids.shape[1]} + gen_length {gen_length} exceeds the "
+            f"model's max positions {cfg.max_positions}"
+        )
+    if eos_token_id is not None and (
+        isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+        or not 0 <= eos_token_id < cfg.vocab_size
+    ):  # fmt: skip
+        raise ValueError(
+            f"eos_token_id: expected None or a token id in [0, {cfg.vocab_size}), got {eos_token_id!r}"
+        )
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask: expected a tensor of shape {tuple(input_ids.shape)}")

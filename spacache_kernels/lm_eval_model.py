@@ -68,9 +68,8 @@ from lm_eval.api.model import LM
 
 from spacache_kernels import _lm_eval_hook as _hook
 from spacache_kernels.decoding import decode_config
-from spacache_kernels.generate import generate
+from spacache_kernels.generate import generate, validate_decoding
 from spacache_kernels.models import load_model
-from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.policies import make_policy, policy_class
 from spacache_kernels.text import HFTokenizer
 from spacache_kernels.tiny_dlm import CharTokenizer
@@ -116,26 +115,8 @@ def _batch_size(value) -> int:
 
 
 def _validate_decoding(gen_length, steps, block_length, threshold, factor, temperature, backend) -> None:
-    """The checks of generate() that need no model, so that a typo fails before the weights load."""
-    for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length)):
-        if value < 1:
-            raise ValueError(f"{name}: expected an integer >= 1, got {value}")
-    if gen_length % block_length:
-        raise ValueError(f"gen_length: expected a multiple of block_length={block_length}, got {gen_length}")
-    if steps % (gen_length // block_length):
-        raise ValueError(
-            f"steps: expected a multiple of the block count {gen_length // block_length}, got {steps}"
-        )
-    if threshold is not None and factor is not None:
-        raise ValueError("threshold / factor: give at most one unmasking rule")
-    if threshold is not None and not 0 < threshold <= 1:
-        raise ValueError(f"threshold: expected a value in (0, 1], got {threshold}")
-    if factor is not None and not factor > 0:
-        raise ValueError(f"factor: expected a positive value, got {factor}")
-    if temperature is None or not temperature >= 0:
-        raise ValueError(f"temperature: expected a number >= 0, got {temperature}")
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS} or None, got {backend!r}")
+    """generate()'s model-free checks, run here so that a typo fails before the weights load."""
+    validate_decoding(gen_length, steps, block_length, threshold, factor, temperature, backend)
 
 
 def _check_policy(policy, policy_kwargs: dict) -> None:
