@@ -31,3 +31,14 @@ def tolerances(dtype: torch.dtype) -> dict:
         torch.float16: dict(atol=2e-2, rtol=2e-2),
         torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
     }[dtype]
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged 1-D prompts as a left-padded (B, P) int64 batch and its attention mask (1 = token)."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    return ids, mask

@@ -6,24 +6,11 @@ import pytest
 import torch
 
 from spacache_kernels.generate import generate
-from spacache_kernels.models import load_model
 from spacache_kernels.policies import SpaCache, Vanilla
-from tests.models.checkpoints import write_dream_checkpoint, write_llada_checkpoint
+from tests.helpers import left_pad
 
-N_LAYERS = 4
+N_LAYERS = 4  # the shared `llada` / `dream` fixtures of tests/conftest.py
 PROMPT, GEN, BLOCK = 6, 16, 8
-
-
-@pytest.fixture(scope="module")
-def llada(tmp_path_factory):
-    path = write_llada_checkpoint(tmp_path_factory.mktemp("llada"), n_layers=N_LAYERS, max_sequence_length=64)
-    return load_model(path, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def dream(tmp_path_factory):
-    path = write_dream_checkpoint(tmp_path_factory.mktemp("dream"), num_hidden_layers=N_LAYERS)
-    return load_model(path, dtype=torch.float32)
 
 
 def prompts(batch: int, length: int = PROMPT, seed: int = 0, vocab: int = 100) -> torch.Tensor:
@@ -113,17 +100,12 @@ def test_sparse_path_with_every_row_selected_equals_dense_update(llada):
 @pytest.mark.parametrize("rule", [{}, {"threshold": 0.3}])
 def test_ragged_batch_equals_each_row_alone(llada, policy, rule):
     rows = [prompts(1, 4, seed=5)[0], prompts(1, 6, seed=6)[0], prompts(1, 2, seed=7)[0]]
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
+    ids, mask = left_pad(rows)
     kw = dict(gen_length=GEN, steps=GEN, block_length=BLOCK, policy=policy, backend="torch", **rule)
     batched = generate(llada, ids, attention_mask=mask, **kw).sequences
     for i, r in enumerate(rows):
         alone = generate(llada, r[None], **kw).sequences
-        assert torch.equal(batched[i, width:], alone[0, len(r) :]), f"row {i}"
+        assert torch.equal(batched[i, ids.shape[1] :], alone[0, len(r) :]), f"row {i}"
 
 
 def test_two_calls_give_the_same_result(llada):

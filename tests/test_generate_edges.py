@@ -7,6 +7,7 @@ import torch
 
 from spacache_kernels.generate import generate
 from spacache_kernels.models import load_model
+from tests.helpers import left_pad
 from tests.models.checkpoints import write_llada_checkpoint
 
 GEN, BLOCK = 16, 8
@@ -20,16 +21,6 @@ def llada(tmp_path_factory):
 
 def prompt(length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 100, (length,), generator=torch.Generator().manual_seed(seed))
-
-
-def left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    return ids, mask
 
 
 SAMPLE = dict(

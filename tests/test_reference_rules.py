@@ -22,21 +22,9 @@ from spacache_kernels.models import load_model
 from spacache_kernels.models.runtime import DenoiseRuntime
 from spacache_kernels.policies import GenerationShape, SpaCache, StepPlan, make_policy, update_ratios
 from spacache_kernels.policies.spa import PUBLISHED, PUBLISHED_RUNS
-from tests.models.checkpoints import write_dream_checkpoint, write_llada_checkpoint
+from tests.models.checkpoints import write_llada_checkpoint
 
-N_LAYERS = 4
-
-
-@pytest.fixture(scope="module")
-def llada(tmp_path_factory):
-    path = write_llada_checkpoint(tmp_path_factory.mktemp("llada"), n_layers=N_LAYERS, max_sequence_length=64)
-    return load_model(path, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def dream(tmp_path_factory):
-    path = write_dream_checkpoint(tmp_path_factory.mktemp("dream"), num_hidden_layers=N_LAYERS)
-    return load_model(path, dtype=torch.float32)
+N_LAYERS = 4  # the shared `llada` / `dream` fixtures of tests/conftest.py
 
 
 def prompts(batch: int, length: int = 6, seed: int = 0, vocab: int = 100) -> torch.Tensor:
