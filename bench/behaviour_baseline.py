@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from spacache_kernels.generate import generate
+from spacache_kernels.generation import generate
 from spacache_kernels.models.synthetic import random_model
 from spacache_kernels.policies import POLICIES, make_policy
 

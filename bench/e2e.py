@@ -45,7 +45,7 @@ import torch
 
 from bench.harness import git_commit
 from spacache_kernels.decoding import DECODE_PRESETS
-from spacache_kernels.generate import generate
+from spacache_kernels.generation import generate
 from spacache_kernels.models.synthetic import SHAPES, random_model
 from spacache_kernels.policies import POLICIES, make_policy, policy_class
 

@@ -1,7 +1,7 @@
 """``make eval`` / ``python -m bench.eval``: generation quality of every caching policy on trained models.
 
 For each shipped checkpoint (``checkpoints/tiny-dlm`` and the deeper ``checkpoints/tiny-dlm-deep``,
-:mod:`spacache_kernels.tiny_dlm`) decode a fixed held-out set of each of its tasks with
+:mod:`spacache_kernels.integrations.tiny_tasks`) decode a fixed held-out set of each of its tasks with
 
 * every policy in ``spacache_kernels.policies.POLICIES`` at its defaults, under both unmasking rules:
   fixed count (one token per step, steps = gen_length) and Fast-dLLM's confidence threshold 0.9;
@@ -127,8 +127,8 @@ def _count_row_forwards(policy) -> list[int]:
 
 def run_setting(model, tok, sets: dict, name: str, kwargs: dict, batch_size: int, threshold=None) -> dict:
     """Decode every task's problems with one policy setting. Returns per-task figures and sequences."""
+    from spacache_kernels.integrations.tiny_tasks import decode_problems, exact_match
     from spacache_kernels.policies import make_policy
-    from spacache_kernels.tiny_dlm import decode_problems, exact_match
 
     per_task = {}
     for task, probs in sets.items():
@@ -167,8 +167,9 @@ def evaluate(checkpoint, counts: dict[str, int], batch_size: int, threads: int,
     Returns ``{"rows": [...], "counts": counts, "aup": {policy: {task: score}}}``; each row has
     per-task figures under ``"tasks"`` and totals, or ``"error"`` when the setting raised.
     """
+    from spacache_kernels.integrations.tiny_tasks import heldout_problems
     from spacache_kernels.models import load_model
-    from spacache_kernels.tiny_dlm import CharTokenizer, heldout_problems
+    from spacache_kernels.models.char_tokenizer import CharTokenizer
 
     torch.set_num_threads(threads)
     model = load_model(checkpoint, dtype=torch.float32)
@@ -357,7 +358,8 @@ def plot(reports: list[dict], path: pathlib.Path) -> None:
             labels_seen.setdefault(r["setting"], handle)
         sweep = sorted(
             (
-                r for r in ok
+                r
+                for r in ok
                 if r["policy"] == "spa" and r["threshold"] is None and "budget" not in r["kwargs"]
             ),
             key=lambda r: r["tasks"][task]["flops_ratio"],
@@ -457,7 +459,7 @@ Do not edit by hand; rerun `make eval`.
 ## Setting
 
 Models (LLaDA layout, trained by `bench/train_tiny_dlm.py` with LLaDA's masked-diffusion SFT
-objective on synthetic tasks with exact answers, `spacache_kernels/tiny_dlm.py`):
+objective on synthetic tasks with exact answers, `spacache_kernels/integrations/tiny_tasks.py`):
 
 {models}
 
@@ -528,11 +530,13 @@ Raw figures: `{meta["json"]}`.
 
 ## Evaluating with lm-evaluation-harness
 
-`spacache_kernels.lm_eval_model` is an lm-eval model named `spacache` (install with
+`spacache_kernels.integrations.lm_eval_model` is an lm-eval model named `spacache` (install with
 `pip install -e '.[lm_eval]'`). lm-eval 0.4 finds external models only through its import-time
-registry, so either run `python -m spacache_kernels.lm_eval_model install-hook` once (a `.pth` import
+registry, so either run
+`python -m spacache_kernels.integrations.lm_eval_model install-hook` once (a `.pth` import
 hook; afterwards the stock `lm_eval` CLI knows `--model spacache`) or call
-`python -m spacache_kernels.lm_eval_model` in place of `lm_eval`. Only `generate_until` tasks are
+`python -m spacache_kernels.integrations.lm_eval_model` in place of `lm_eval`. Only `generate_until`
+tasks are
 supported (diffusion LMs are evaluated generatively). Any keyword the policy's constructor takes can
 be given in `--model_args`.
 
@@ -560,7 +564,8 @@ the requests and gathers the results):
 ```bash
 accelerate launch --num_processes 8 -m lm_eval --model spacache --model_args $LLADA \\
     --tasks gsm8k --num_fewshot 4 --batch_size 16
-# without the hook: accelerate launch --num_processes 8 -m spacache_kernels.lm_eval_model <same arguments>
+# without the hook:
+# accelerate launch --num_processes 8 -m spacache_kernels.integrations.lm_eval_model <same arguments>
 ```
 """
     DOC.write_text(text)
@@ -595,7 +600,7 @@ def _parse_counts(items: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spacache_kernels.tiny_dlm import checkpoint_tasks
+    from spacache_kernels.integrations.tiny_tasks import checkpoint_tasks
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m bench.eval", description=__doc__.splitlines()[0])

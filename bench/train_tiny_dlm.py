@@ -37,12 +37,12 @@ eps``; each *answer* token (the answer and its EOS padding; the prompt is never 
 ``<mask>`` with probability ``p``; the loss is the cross-entropy on the masked tokens weighted by
 ``1 / p``, summed per sequence, divided by the sequence's answer length and averaged over the batch.
 
-Tasks (``spacache_kernels.tiny_dlm``, ``--tasks``; default 4-digit addition and 64-letter copy): one
-batch of each per optimizer step, fresh problems every step from ``TRAIN_SEED``. Exact-match accuracy
-under vanilla decoding (``generate(..., policy="vanilla", backend="torch")``, one token per step) is
-measured on held-out problems from ``EVAL_SEED`` during training and at the end, and written to the
-checkpoint's ``training.json`` (with the task list, which ``tiny_dlm.checkpoint_tasks`` reads).
-"""
+Tasks (``spacache_kernels.integrations.tiny_tasks``, ``--tasks``; default 4-digit addition and
+64-letter copy): one batch of each per optimizer step, fresh problems every step from
+``TRAIN_SEED``. Exact-match accuracy under vanilla decoding (``generate(..., policy="vanilla",
+backend="torch")``, one token per step) is measured on held-out problems from ``EVAL_SEED`` during
+training and at the end, and written to the checkpoint's ``training.json`` (with the task list,
+which ``tiny_tasks.checkpoint_tasks`` reads). """
 
 from __future__ import annotations
 
@@ -57,17 +57,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from spacache_kernels.models.rope import rope_tables
-from spacache_kernels.tiny_dlm import (
+from spacache_kernels.integrations.tiny_tasks import (
     TASKS,
     TRAIN_SEED,
-    CharTokenizer,
     decode_problems,
     encode_batch,
     exact_match,
     heldout_problems,
     problems,
 )
+from spacache_kernels.models.char_tokenizer import CharTokenizer
+from spacache_kernels.models.rope import rope_tables
 
 MASK_EPS = 1e-3  # LLaDA's forward process: p_mask = (1 - eps) * t + eps
 

@@ -2,7 +2,8 @@
 
 Layers (imports point downward): ``kernels`` (Triton) -> ``ops`` (validated, autograd-free ops with
 pure-PyTorch references) -> ``models`` (LLaDA / Dream adapters and the cached-step runtime) ->
-``policies`` (what to recompute) -> ``generate`` (the denoising loop).
+``policies`` (what to recompute) -> ``generation`` (the denoising loop) -> ``integrations``
+(lm-eval, the tiny models' tasks).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "GenerationOutput": ("spacache_kernels.generate", "GenerationOutput"),
+    "GenerationOutput": ("spacache_kernels.generation", "GenerationOutput"),
     "load_model": ("spacache_kernels.models", "load_model"),
     "DiffusionLM": ("spacache_kernels.models", "DiffusionLM"),
     "SpaCache": ("spacache_kernels.policies", "SpaCache"),
@@ -28,8 +29,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'spacache_kernels' has no attribute {name!r}")
 
 
-# Imported eagerly (torch, no triton) so that the name is the function: importing the
-# `spacache_kernels.generate` submodule first would otherwise bind the package attribute to the module.
-from spacache_kernels.generate import generate  # noqa: E402
+# Imported eagerly (torch, no triton): the package's most used name.
+from spacache_kernels.generation import generate  # noqa: E402
 
 __all__ = ["__version__", "generate", *_LAZY]

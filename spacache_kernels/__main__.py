@@ -61,7 +61,7 @@ def _generate(args) -> int:
     import torch
 
     from spacache_kernels.decoding import decode_config
-    from spacache_kernels.generate import generate
+    from spacache_kernels.generation import generate
     from spacache_kernels.models import load_model
     from spacache_kernels.text import decode_rows, encode_prompts, load_tokenizer
 

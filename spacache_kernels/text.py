@@ -7,7 +7,7 @@
                   block_length=8)                                  # -> ["6912"]
 
 Tokenizers (:func:`load_tokenizer`): a directory with ``char_tokenizer.json`` (the tiny trained
-checkpoints, :class:`spacache_kernels.tiny_dlm.CharTokenizer`), else a transformers tokenizer
+checkpoints, :class:`~spacache_kernels.models.char_tokenizer.CharTokenizer`), else a transformers tokenizer
 (``AutoTokenizer``, imported lazily). A transformers tokenizer that has a chat template wraps each
 prompt as one user turn with the generation prompt (as LLaDA-Instruct / Dream-Instruct expect) unless
 ``chat_template=False``. Prompts of different lengths are left-padded with an attention mask.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from spacache_kernels.tiny_dlm import CharTokenizer
+from spacache_kernels.models.char_tokenizer import CharTokenizer
 
 
 class HFTokenizer:
@@ -128,7 +128,7 @@ def generate_text(
         generate_kwargs: ``gen_length``, ``steps``, ``block_length``, ``policy``, ``temperature``,
             ``seed``, ... as for ``generate()``; ``eos_token_id`` defaults to the model's.
     """
-    from spacache_kernels.generate import generate
+    from spacache_kernels.generation import generate
 
     single = isinstance(prompts, str)
     tok = tokenizer if isinstance(tokenizer, (CharTokenizer, HFTokenizer)) else load_tokenizer(tokenizer)

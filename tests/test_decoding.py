@@ -44,7 +44,7 @@ def test_cli_takes_the_preset(tmp_path, capsys):
     import torch
 
     from spacache_kernels.__main__ import main
-    from spacache_kernels.generate import generate
+    from spacache_kernels.generation import generate
     from spacache_kernels.models import load_model
     from tests.models.checkpoints import write_llada_checkpoint
 

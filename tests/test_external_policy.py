@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spacache_kernels.__main__ import main
-from spacache_kernels.generate import generate
+from spacache_kernels.generation import generate
 from spacache_kernels.models import load_model
 from spacache_kernels.policies import make_policy, policy_class
 from tests.external.drift_topk import DriftTopK
@@ -69,7 +69,7 @@ def test_cli_runs_the_external_policy(path, capsys):
 
 def test_lm_eval_wrapper_runs_the_external_policy():
     pytest.importorskip("lm_eval")
-    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
     from tests.test_lm_eval_model import CHECKPOINT, _Request
 
     lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy=SPEC, refresh=1, gen_length=8, steps=8, block_length=8,

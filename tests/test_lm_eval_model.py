@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from spacache_kernels.tiny_dlm import heldout_problems  # noqa: E402
+from spacache_kernels.integrations.tiny_tasks import heldout_problems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "tiny-dlm"
@@ -72,7 +72,7 @@ def test_simple_evaluate_in_process(task_dir, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    import spacache_kernels.lm_eval_model as wrapper
+    import spacache_kernels.integrations.lm_eval_model as wrapper
 
     for key, value in _offline_env().items():
         monkeypatch.setenv(key, value)
@@ -93,7 +93,7 @@ def test_simple_evaluate_in_process(task_dir, monkeypatch):
 
 
 def test_wrapper_rejects_unknown_args_and_loglikelihood():
-    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
 
     with pytest.raises(ValueError, match="not_an_option"):
         SpaCacheLM(pretrained=str(CHECKPOINT), policy="spa", not_an_option=1, backend="torch")
@@ -106,7 +106,7 @@ def test_wrapper_rejects_unknown_args_and_loglikelihood():
 
 def test_lm_eval_cli_finds_model_through_the_hook(task_dir, tmp_path):
     """The stock lm_eval CLI entry point, with the .pth hook in a site dir: `--model spacache` resolves."""
-    from spacache_kernels.lm_eval_model import install_hook
+    from spacache_kernels.integrations.lm_eval_model import install_hook
 
     site_dir = tmp_path / "site"
     site_dir.mkdir()
@@ -135,7 +135,7 @@ def test_hf_tokenizer_directory(tmp_path):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from spacache_kernels.lm_eval_model import SpaCacheLM, _HFTokenizer
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM, _HFTokenizer
     from tests.models.checkpoints import LLADA_SHAPE, write_llada_checkpoint
 
     vocab_size, eos_id, mask_id = LLADA_SHAPE["vocab"], 124, LLADA_SHAPE["mask_id"]
@@ -173,7 +173,7 @@ def _run_with_site(site_dir: Path, code: str, cwd: Path = ROOT, isolated: bool =
 def test_hook_startup_imports_nothing_heavy(tmp_path):
     """With the hook installed, interpreter start imports neither torch nor the package; the finder
     is in place, and lm-eval then finds `spacache` next to its own models without importing torch."""
-    from spacache_kernels.lm_eval_model import install_hook
+    from spacache_kernels.integrations.lm_eval_model import install_hook
 
     install_hook(str(tmp_path))
     probe = (
@@ -195,7 +195,7 @@ def test_hook_startup_imports_nothing_heavy(tmp_path):
 
 def test_stale_hook_is_silent_without_the_package(tmp_path):
     """After `pip uninstall`, the leftover .pth must not print anything at interpreter start."""
-    from spacache_kernels.lm_eval_model import install_hook
+    from spacache_kernels.integrations.lm_eval_model import install_hook
 
     site_dir = tmp_path / "site"
     site_dir.mkdir()
@@ -209,13 +209,15 @@ def test_stale_hook_is_silent_without_the_package(tmp_path):
 
 
 def test_hook_install_is_idempotent_and_uninstalls(tmp_path):
-    """`python -m spacache_kernels.lm_eval_model install-hook` runs fine with the hook active (the
-    module registers its class over the hook's placeholder), twice; `uninstall-hook` removes it."""
-    from spacache_kernels.lm_eval_model import uninstall_hook
+    """`python -m spacache_kernels.integrations.lm_eval_model install-hook` runs fine with the hook
+    active (the module registers its class over the hook's placeholder), twice; `uninstall-hook`
+    removes it."""
+    from spacache_kernels.integrations.lm_eval_model import uninstall_hook
 
     run_module = (
         "import runpy; sys.argv = ['lm_eval_model'] + sys.argv[2:]; "
-        "runpy.run_module('spacache_kernels.lm_eval_model', run_name='__main__', alter_sys=True); "
+        "runpy.run_module('spacache_kernels.integrations.lm_eval_model', run_name='__main__', "
+        "alter_sys=True); "
         "from lm_eval.api.registry import get_model; print(get_model('spacache').__module__)"
     )
     for _ in range(2):
@@ -223,7 +225,7 @@ def test_hook_install_is_idempotent_and_uninstalls(tmp_path):
                str(tmp_path), "install-hook", str(tmp_path)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_offline_env(), cwd=ROOT, timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stdout.splitlines()[-1] == "spacache_kernels.lm_eval_model"
+        assert proc.stdout.splitlines()[-1] == "spacache_kernels.integrations.lm_eval_model"
     assert len(list(tmp_path.glob("*.pth"))) == 1
     assert uninstall_hook(str(tmp_path)) is not None and not list(tmp_path.glob("*.pth"))
     assert uninstall_hook(str(tmp_path)) is None
@@ -238,7 +240,7 @@ class _Request:
 
 
 def test_wrapper_follows_spacache_backend(monkeypatch):
-    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
     from tests.test_generate_edges import forbid_triton
 
     forbid_triton(monkeypatch)
@@ -250,7 +252,7 @@ def test_wrapper_follows_spacache_backend(monkeypatch):
 def test_wrapper_repeats_differ_and_batching_keeps_samples(monkeypatch):
     """lm-eval passes a request `repeats` times: each repeat gets its own seed (derived from the
     model seed and the request), and a request samples the same at any batch size."""
-    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
 
     kw = dict(pretrained=str(CHECKPOINT), policy="vanilla", gen_length=8, steps=8, block_length=8,
               backend="torch", seed=3)  # fmt: skip
@@ -282,14 +284,14 @@ def test_wrapper_repeats_differ_and_batching_keeps_samples(monkeypatch):
 )
 def test_wrapper_validates_arguments_before_loading(kwargs, match):
     """A missing checkpoint would raise FileNotFoundError: the argument error must come first."""
-    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
 
     with pytest.raises(ValueError, match=match):
         SpaCacheLM(pretrained="/no/such/checkpoint", **kwargs)
 
 
 def test_wrapper_accepts_every_policy_spelling():
-    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
 
     for policy in ("spa:llada-8b", "fast-dllm-dual", "dllm_cache:llada-instruct"):
         lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy=policy, gen_length=8, steps=8, block_length=8,
@@ -298,7 +300,7 @@ def test_wrapper_accepts_every_policy_spelling():
 
 
 def test_wrapper_truncates_a_long_context_from_the_left(caplog):
-    from spacache_kernels.lm_eval_model import SpaCacheLM
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
 
     lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy="vanilla", gen_length=8, steps=8, block_length=8,
                     backend="torch")  # fmt: skip

@@ -21,7 +21,7 @@ def test_readme_op_example_runs_and_matches_reference():
 
 
 def test_package_generate_is_the_function_even_after_the_submodule_import():
-    import spacache_kernels.generate  # noqa: F401  (binds the submodule first)
+    import spacache_kernels.generation  # noqa: F401  (binds the submodule first)
     from spacache_kernels import generate
 
     assert callable(generate) and generate.__name__ == "generate"

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from spacache_kernels.generate import (
+from spacache_kernels.generation import (
     early_stop_pad,
     first_masked_block,
     fixed_commit_counts,
@@ -531,7 +531,7 @@ def test_confidence_measures_on_a_known_distribution():
 
 
 def test_dream_schedule_counts():
-    from spacache_kernels.generate import dream_transfer_count
+    from spacache_kernels.generation import dream_transfer_count
 
     masked = torch.zeros(2, 8, dtype=torch.bool)
     masked[0, :8], masked[1, :6] = True, True  # m = 7 (batch mean)

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from spacache_kernels.generate import generate
+from spacache_kernels.generation import generate
 from spacache_kernels.models import load_model
+from spacache_kernels.models.char_tokenizer import CharTokenizer
 from spacache_kernels.text import HFTokenizer, encode_prompts, generate_text, load_tokenizer
-from spacache_kernels.tiny_dlm import CharTokenizer
 
 TINY = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-dlm"
 KW = dict(gen_length=8, steps=8, block_length=8, backend="torch")

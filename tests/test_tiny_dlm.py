@@ -13,12 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spacache_kernels.models import load_model
-from spacache_kernels.policies import SpaCache
-from spacache_kernels.tiny_dlm import (
+from spacache_kernels.integrations.tiny_tasks import (
     TASKS,
     TRAIN_SEED,
-    CharTokenizer,
     checkpoint_tasks,
     decode_problems,
     encode_batch,
@@ -26,6 +23,9 @@ from spacache_kernels.tiny_dlm import (
     heldout_problems,
     problems,
 )
+from spacache_kernels.models import load_model
+from spacache_kernels.models.char_tokenizer import CharTokenizer
+from spacache_kernels.policies import SpaCache
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "tiny-dlm"

@@ -14,7 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from spacache_kernels.integrations.tiny_tasks import (
+    TASKS,
+    checkpoint_tasks,
+    decode_problems,
+    exact_match,
+    heldout_problems,
+    make_chain,
+    make_count,
+    make_sort,
+)
 from spacache_kernels.models import load_model
+from spacache_kernels.models.char_tokenizer import CharTokenizer
 from spacache_kernels.policies import (
     POLICIES,
     D2Cache,
@@ -24,17 +35,6 @@ from spacache_kernels.policies import (
     FastDLLMDual,
     FastDLLMPrefix,
     SpaCache,
-)
-from spacache_kernels.tiny_dlm import (
-    TASKS,
-    CharTokenizer,
-    checkpoint_tasks,
-    decode_problems,
-    exact_match,
-    heldout_problems,
-    make_chain,
-    make_count,
-    make_sort,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,4 +164,3 @@ def test_refresh_every_step_equals_vanilla(model, tok, equality_sets, name):
         got, out = decode_problems(model, tok, probs, make(), block_length=block)
         assert torch.equal(got, want[(task, block)]), (name, task)
         assert set(out.stats.plan_kinds) == {"full"}, out.stats.plan_kinds
-

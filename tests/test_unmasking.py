@@ -2,7 +2,7 @@
 
 import torch
 
-from spacache_kernels.generate import factor_commit, fixed_commit, threshold_commit, transfer_schedule
+from spacache_kernels.generation import factor_commit, fixed_commit, threshold_commit, transfer_schedule
 
 
 def test_transfer_schedule_spreads_the_remainder_first():

@@ -9,7 +9,7 @@ of two implementations chosen by ``impl``:
 * ``"torch_gather"``: ``index_select`` of the rows (:func:`index_select_rows`), then cuBLAS
   (``torch.nn.functional.linear``) in the input dtype, then RoPE through the standalone Triton kernel
   / SwiGLU in torch. For few rows the op is bound by reading the weight and this baseline is strong
-  (DESIGN.md section 7).
+  (docs/kernels.md).
 * ``"auto"``: :data:`AUTO_TORCH_GATHER_MAX_ROWS` decides. It is ``None`` (always "fused") because no
   GPU was available to measure the crossover; set it from ``bench/test_bench_gather_linear.py`` on
   the target GPU.

@@ -39,7 +39,7 @@ class GaussianProfile:
         return np.where(t < mu, np.maximum(values, floor), values)
 
 
-# The reference presets (ALGORITHMS.md), by model family.
+# The reference presets (docs/policies.md), by model family.
 PRESETS: dict[str, GaussianProfile] = {
     "llada-8b": GaussianProfile(peak_pos=0.75, freq_start=0.03, freq_peak=0.25, freq_end=0.13),
     "llada-1.5": GaussianProfile(peak_pos=0.8, freq_start=0.03, freq_peak=0.25, freq_end=0.13),

@@ -1,7 +1,7 @@
 """d2Cache (Jiang et al., arXiv 2509.23094): dual adaptive caching by certainty density and
 attention rollout.
 
-Rules (ALGORITHMS.md; the authors' ``d2Cache`` class):
+Rules (docs/policies.md; the authors' ``d2Cache`` class):
 
 * Cached: K/V of every token in every layer. A token that is not selected skips the network entirely
   in that step (its K/V stay as they are; its logits are not recomputed, so it cannot be committed:

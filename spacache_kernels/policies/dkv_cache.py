@@ -1,6 +1,6 @@
 """dKV-Cache-Decode (Ma et al., arXiv 2505.15781): delayed caching of decoded tokens.
 
-Rules (ALGORITHMS.md; the authors' LLaDA decode script):
+Rules (docs/policies.md; the authors' LLaDA decode script):
 
 * Only the K/V of *decoded* tokens are reused (the prompt counts as decoded), and a token is reused
   only from the step after the one in which it was decoded: at step ``i`` the live tokens are the

@@ -1,7 +1,7 @@
 """dLLM-Cache (Liu et al., arXiv 2506.06295): long-interval prompt cache, short-interval response
 cache, and V-verify adaptive updates in between.
 
-Rules (ALGORITHMS.md; the authors' hooks on LLaDA / Dream):
+Rules (docs/policies.md; the authors' hooks on LLaDA / Dream):
 
 * Cached per layer: K and V of every token, and the attention + FFN outputs of the response
   (generated) tokens (held as their sum, the runtime's branch cache: a token's layer output is

@@ -1,7 +1,7 @@
 """Elastic-Cache (Nguyen-Tri et al., arXiv 2510.14973): sliding-window queries and attention-drift
 triggered, depth-wise cache refresh.
 
-Rules (ALGORITHMS.md):
+Rules (docs/policies.md):
 
 * Sliding window: only the first ``window`` (beta = 16) still-masked positions of the answer are live
   queries; masked tokens beyond it keep their cached K/V. The live set of a step is the window, the

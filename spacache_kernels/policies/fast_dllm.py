@@ -1,6 +1,6 @@
 """Fast-dLLM (Wu et al., arXiv 2505.22618): block-wise approximate KV cache, prefix and dual.
 
-Rules (ALGORITHMS.md; the authors' LLaDA / Dream generation code):
+Rules (docs/policies.md; the authors' LLaDA / Dream generation code):
 
 * At every block start one full forward over all tokens rebuilds every layer's K/V; that forward
   also decodes the step (its logits are the step's logits), so a refresh costs no extra pass.

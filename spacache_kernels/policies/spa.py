@@ -1,6 +1,6 @@
 """SPA-Cache (arXiv 2602.02544): singular-proxy drift selection with per-layer budgets.
 
-Rules (reference-faithful; ALGORITHMS.md):
+Rules (reference-faithful; docs/policies.md):
 
 * Proxy: per layer ``P_l = U[:, :r] * S[:r]`` from the SVD ``Wv^T = U S Vh`` of the value projection;
   ``proxy(h) = h @ P_l`` with ``h`` the attention-normed layer input.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spacache_kernels.generate import generate
+from spacache_kernels.generation import generate
 from spacache_kernels.policies import (
     POLICIES,
     D2Cache,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import spacache_kernels.policies.spa as spa_module
-from spacache_kernels.generate import generate
+from spacache_kernels.generation import generate
 from spacache_kernels.models import load_model
 from spacache_kernels.policies import SpaCache
 from tests.models.checkpoints import write_llada_checkpoint

@@ -1,5 +1,4 @@
-"""The tiny trained diffusion LM's tokenizer and tasks: char-level vocabulary, problem generators,
-exact-match scoring.
+"""The tiny trained diffusion LMs' tasks: problem generators, exact-match scoring, decoding a task.
 
 The shipped checkpoint ``checkpoints/tiny-dlm`` (trained by ``bench/train_tiny_dlm.py``) is a small
 LLaDA-layout masked diffusion LM that solves synthetic problems with exact answers, so that caching
@@ -19,9 +18,7 @@ blocks of a 64-token generation (blocks of 8):
 
 Every task has a fixed prompt length and a fixed answer region (the answer followed by EOS up to the
 task's ``gen_length``), so a whole task is decoded by one ``generate(..., gen_length=...)`` call
-without left padding. The tokenizer is one character per token plus the special ``<eos>`` (also used
-as padding, as in LLaDA's SFT) and ``<mask>`` tokens; it is stored next to the weights as
-``char_tokenizer.json`` (:meth:`CharTokenizer.save` / :meth:`CharTokenizer.load`).
+without left padding. The char tokenizer is :mod:`spacache_kernels.models.char_tokenizer`.
 """
 
 from __future__ import annotations
@@ -35,11 +32,8 @@ from pathlib import Path
 
 import torch
 
-TOKENIZER_FILE = "char_tokenizer.json"  # not "tokenizer.json": that name is HF tokenizers' format
-EOS = "<eos>"
-MASK = "<mask>"
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-CHARS = "0123456789+=" + LETTERS
+from spacache_kernels.models.char_tokenizer import LETTERS, CharTokenizer
+
 ADD_DIGITS = 4
 COPY_LENGTH = 64
 SORT_LENGTH = 24
@@ -47,111 +41,6 @@ CHAIN_LENGTH = 32
 COUNT_LENGTH = 32
 
 
-class CharTokenizer:
-    """One token per character, plus ``<eos>`` (id ``eos_token_id``, also the padding) and ``<mask>``.
-
-    Args:
-        chars: the ordinary characters, ids assigned after the special tokens in this order.
-        vocab_size: rows of the embedding (>= the number of tokens; the extra ids are never produced,
-            they only round the embedding to a friendly size).
-    """
-
-    format_name = "spacache-char-tokenizer"
-
-    def __init__(self, chars: str = CHARS, vocab_size: int | None = None):
-        if len(set(chars)) != len(chars):
-            raise ValueError("chars: expected distinct characters")
-        self.specials = [EOS, MASK]
-        self.chars = chars
-        self.itos = self.specials + list(chars)
-        self.stoi = {ch: i for i, ch in enumerate(chars, start=len(self.specials))}
-        self.vocab_size = len(self.itos) if vocab_size is None else int(vocab_size)
-        if self.vocab_size < len(self.itos):
-            raise ValueError(f"vocab_size: expected >= {len(self.itos)} tokens, got {self.vocab_size}")
-
-    @property
-    def eos_token_id(self) -> int:
-        return 0
-
-    @property
-    def pad_token_id(self) -> int:
-        return 0
-
-    @property
-    def mask_token_id(self) -> int:
-        return 1
-
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids, one per character; raises ValueError on a character outside the vocabulary."""
-        try:
-            return [self.stoi[ch] for ch in text]
-        except KeyError as err:
-            bad = err.args[0]
-            raise ValueError(f"text: character {bad!r} is not in the vocabulary {self.chars!r}") from None
-
-    def decode(self, ids: Sequence[int] | torch.Tensor, *, stop_at_eos: bool = True) -> str:
-        """Ids -> text. Stops at the first EOS by default; a mask or unused id raises ValueError."""
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        out = []
-        for i in ids:
-            i = int(i)
-            if i == self.eos_token_id:
-                if stop_at_eos:
-                    break
-                continue
-            if i < len(self.specials) or i >= len(self.itos):
-                out.append("?")  # a mask or an unused id: visible in the text, never a valid answer
-                continue
-            out.append(self.itos[i])
-        return "".join(out)
-
-    # --------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return {
-            "format": self.format_name,
-            "chars": self.chars,
-            "specials": self.specials,
-            "vocab_size": self.vocab_size,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "mask_token_id": self.mask_token_id,
-        }
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / TOKENIZER_FILE
-        with open(path, "w") as fh:
-            json.dump(self.to_dict(), fh, indent=2)
-        return path
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> CharTokenizer:
-        """Read ``char_tokenizer.json`` from a checkpoint directory (ValueError if it is not ours)."""
-        path = Path(directory) / TOKENIZER_FILE
-        with open(path) as fh:
-            data = json.load(fh)
-        if data.get("format") != cls.format_name:
-            raise ValueError(f"{path}: not a {cls.format_name} file (format={data.get('format')!r})")
-        tok = cls(data["chars"], data["vocab_size"])
-        if data.get("specials") != tok.specials or data.get("mask_token_id") != tok.mask_token_id:
-            raise ValueError(f"{path}: special tokens {data.get('specials')} differ from {tok.specials}")
-        return tok
-
-    @staticmethod
-    def is_char_tokenizer_dir(directory: str | os.PathLike) -> bool:
-        path = Path(directory) / TOKENIZER_FILE
-        if not path.is_file():
-            return False
-        try:
-            with open(path) as fh:
-                return json.load(fh).get("format") == CharTokenizer.format_name
-        except (OSError, ValueError):
-            return False
-
-
-# ------------------------------------------------------------------------------------------------
-# tasks
-# ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Problem:
     task: str
@@ -306,7 +195,7 @@ def decode_problems(
     Fast-dLLM's confidence-threshold unmasking; ``block_length`` overrides the task's block.
     Returns ``(generated (B, G) int64, the GenerationOutput)``; ``policy`` is a name or an instance.
     """
-    from spacache_kernels.generate import generate  # the tokenizer side stays importable on its own
+    from spacache_kernels.generation import generate  # the tokenizer side stays importable on its own
 
     prompt_ids, _ = encode_batch(tok, batch)  # validates: non-empty, one task
     spec = TASKS[batch[0].task]
@@ -335,16 +224,11 @@ def checkpoint_tasks(directory: str | os.PathLike) -> list[str]:
     return list(names)
 
 
-def load_tokenizer(directory: str | os.PathLike) -> CharTokenizer:
-    return CharTokenizer.load(directory)
-
-
 __all__ = [
     "ADD_DIGITS",
     "CHAIN_LENGTH",
     "COPY_LENGTH",
     "COUNT_LENGTH",
-    "CharTokenizer",
     "EVAL_SEED",
     "Problem",
     "SORT_LENGTH",
@@ -356,6 +240,5 @@ __all__ = [
     "encode_batch",
     "exact_match",
     "heldout_problems",
-    "load_tokenizer",
     "problems",
 ]

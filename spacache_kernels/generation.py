@@ -192,8 +192,18 @@ def _raise_if_nan(first_nan_step: torch.Tensor) -> None:
         )
 
 
-def validate_decoding(gen_length, steps, block_length, threshold=None, factor=None, temperature=0.0,
-                      backend=None, certainty_prior=None, confidence="max_prob", schedule="llada") -> None:
+def validate_decoding(
+    gen_length,
+    steps,
+    block_length,
+    threshold=None,
+    factor=None,
+    temperature=0.0,
+    backend=None,
+    certainty_prior=None,
+    confidence="max_prob",
+    schedule="llada",
+) -> None:
     """The checks of generate()'s decoding arguments that need no model or prompt: generate() runs them,
     and so do the entry points that must fail on a typo before loading weights (lm-eval, the CLI)."""
     _check_int("gen_length", gen_length)

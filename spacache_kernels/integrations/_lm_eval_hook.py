@@ -2,9 +2,9 @@
 
 lm-eval 0.4.13 discovers models only through its own registry (``lm_eval.models.MODEL_MAPPING`` plus
 ``@register_model`` / ``model_registry.register`` at import time); it reads no entry points for
-models. So ``python -m spacache_kernels.lm_eval_model install-hook`` writes a one-line ``.pth`` file
-(:func:`pth_line`) into site-packages, run by ``site`` at every interpreter start. That line must cost
-nothing and must never fail, so it:
+models. So ``python -m spacache_kernels.integrations.lm_eval_model install-hook`` writes a one-line
+``.pth`` file (:func:`pth_line`) into site-packages, run by ``site`` at every interpreter start.
+That line must cost nothing and must never fail, so it:
 
 * does not import ``spacache_kernels`` (the package imports torch): it locates the package with
   ``importlib.util.find_spec`` (a path lookup, no import) and executes *this file* by path;
@@ -16,8 +16,8 @@ on ``sys.meta_path`` that wraps the loader of ``lm_eval.api.registry``: right af
 executes, ``lm_eval.models`` is imported (which fills the registry with lm-eval's own lazy entries;
 the registry does that by itself only while it is empty, so registering first would hide lm-eval's
 models) and ``spacache`` is registered as the lazy placeholder
-``"spacache_kernels.lm_eval_model:SpaCacheLM"``. The wrapper module (and torch) is imported only when
-lm-eval resolves ``--model spacache``.
+``"spacache_kernels.integrations.lm_eval_model:SpaCacheLM"``. The wrapper module (and torch) is
+imported only when lm-eval resolves ``--model spacache``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import sys
 
 TARGET_MODULE = "lm_eval.api.registry"
 MODEL_NAME = "spacache"
-MODEL_PATH = "spacache_kernels.lm_eval_model:SpaCacheLM"
+MODEL_PATH = "spacache_kernels.integrations.lm_eval_model:SpaCacheLM"
 PTH_NAME = "spacache_kernels_lm_eval.pth"
 
 
@@ -44,7 +44,7 @@ def pth_line() -> str:
         " import importlib.util as u, os\n"
         " s = u.find_spec('spacache_kernels')\n"
         " d = s and s.submodule_search_locations and list(s.submodule_search_locations)\n"
-        " p = d and os.path.join(d[0], '_lm_eval_hook.py')\n"
+        " p = d and os.path.join(d[0], 'integrations', '_lm_eval_hook.py')\n"
         " if p and os.path.isfile(p):\n"
         "  exec(compile(open(p).read(), p, 'exec'), {'__name__': '_spacache_kernels_lm_eval_hook'})\n"
         "except Exception:\n"

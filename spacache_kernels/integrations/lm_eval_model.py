@@ -1,8 +1,8 @@
 """lm-evaluation-harness model ``spacache``: generative evaluation of diffusion LMs under a caching policy.
 
     pip install -e '.[lm_eval]'
-    python -m spacache_kernels.lm_eval_model install-hook      # once: makes `lm_eval --model spacache` work
-    python -m spacache_kernels.lm_eval_model uninstall-hook    # undoes it
+    # once: makes `lm_eval --model spacache` work (uninstall-hook undoes it)
+    python -m spacache_kernels.integrations.lm_eval_model install-hook
     lm_eval --model spacache \\
         --model_args pretrained=/models/LLaDA-8B-Instruct,policy=spa,gen_length=256,block_length=8 \\
         --tasks gsm8k --num_fewshot 4 --batch_size 16
@@ -12,14 +12,16 @@ Registration. lm-eval (checked at 0.4.13) discovers models only through its own 
 points for models. So there are three ways in, all registering the same class under ``spacache``
 (idempotently: any of them may run after another):
 
-* ``import spacache_kernels.lm_eval_model`` before calling ``lm_eval.simple_evaluate(model="spacache")``;
-* ``python -m spacache_kernels.lm_eval_model <lm_eval arguments>`` (also ``accelerate launch -m
-  spacache_kernels.lm_eval_model ...``): the ``lm_eval`` CLI with the model registered;
-* the import hook (:mod:`spacache_kernels._lm_eval_hook`), a one-line ``.pth`` file in site-packages
-  written by ``install-hook`` and removed by ``uninstall-hook``: interpreter start imports nothing
-  heavy (neither torch nor this package), and when a program imports ``lm_eval.api.registry`` the
-  name ``spacache`` is registered lazily, so the stock ``lm_eval`` and ``accelerate launch -m
-  lm_eval`` commands find ``--model spacache``. A ``.pth`` left behind by ``pip uninstall`` is inert.
+* ``import spacache_kernels.integrations.lm_eval_model`` before calling
+  ``lm_eval.simple_evaluate(model="spacache")``;
+* ``python -m spacache_kernels.integrations.lm_eval_model <lm_eval arguments>`` (also ``accelerate launch -m
+  spacache_kernels.integrations.lm_eval_model ...``): the ``lm_eval`` CLI with the model registered;
+* the import hook (:mod:`spacache_kernels.integrations._lm_eval_hook`), a one-line ``.pth`` file in
+  site-packages, written by ``install-hook`` and removed by ``uninstall-hook``: interpreter start
+  imports nothing heavy (neither torch nor this package), and when a program imports
+  ``lm_eval.api.registry`` the name ``spacache`` is registered lazily, so the stock ``lm_eval`` and
+  ``accelerate launch -m lm_eval`` commands find ``--model spacache``. A ``.pth`` left behind by
+  ``pip uninstall`` is inert.
 
 Model arguments (``--model_args key=value,...``):
 
@@ -41,8 +43,9 @@ Model arguments (``--model_args key=value,...``):
 * A context longer than ``max_positions - gen_length`` tokens is truncated from the left with a
   warning (as lm-eval's HF model does).
 * ``tokenizer``: a tokenizer directory (default ``pretrained``). A directory with a
-  ``char_tokenizer.json`` uses the tiny char tokenizer (:mod:`spacache_kernels.tiny_dlm`); anything else
-  is loaded with ``transformers.AutoTokenizer`` (imported lazily), ``trust_remote_code`` passed on.
+  ``char_tokenizer.json`` uses the tiny char tokenizer (:mod:`spacache_kernels.models.char_tokenizer`);
+  anything else is loaded with ``transformers.AutoTokenizer`` (imported lazily),
+  ``trust_remote_code`` passed on.
 
 Only ``generate_until`` is implemented: a diffusion LM here decodes a fixed-length masked region, so
 the answer is read up to the first EOS and cut at the task's ``until`` strings; ``max_gen_toks`` does
@@ -66,15 +69,15 @@ from typing import Any
 import torch
 from lm_eval.api.model import LM
 
-from spacache_kernels import _lm_eval_hook as _hook
 from spacache_kernels.decoding import decode_config
-from spacache_kernels.generate import generate, validate_decoding
+from spacache_kernels.generation import generate, validate_decoding
+from spacache_kernels.integrations import _lm_eval_hook as _hook
 from spacache_kernels.models import load_model
+from spacache_kernels.models.char_tokenizer import CharTokenizer
 from spacache_kernels.policies import make_policy, policy_class
 from spacache_kernels.text import HFTokenizer
-from spacache_kernels.tiny_dlm import CharTokenizer
 
-eval_logger = logging.getLogger("spacache_kernels.lm_eval_model")
+eval_logger = logging.getLogger("spacache_kernels.integrations.lm_eval_model")
 MODEL_NAME = "spacache"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # lm-eval passes these to every model; they are handled here, never forwarded to the policy.
@@ -405,8 +408,9 @@ def _site_dir(site_dir: str | None) -> Path:
 def install_hook(site_dir: str | None = None) -> Path:
     """Write the hook's ``.pth`` file into ``site_dir`` (default: this interpreter's purelib).
 
-    Its one line (:func:`spacache_kernels._lm_eval_hook.pth_line`) imports nothing heavy, does nothing
-    when the package has been uninstalled, and never raises. Installing twice rewrites the same file.
+    Its one line (:func:`spacache_kernels.integrations._lm_eval_hook.pth_line`) imports nothing heavy,
+    does nothing when the package has been uninstalled, and never raises. Installing twice rewrites
+    the same file.
     """
     path = _site_dir(site_dir) / _hook.PTH_NAME
     path.write_text(_hook.pth_line())
@@ -423,8 +427,8 @@ def uninstall_hook(site_dir: str | None = None) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m spacache_kernels.lm_eval_model [install-hook [DIR] | uninstall-hook [DIR] | <lm_eval
-    CLI arguments>]``."""
+    """``python -m spacache_kernels.integrations.lm_eval_model [install-hook [DIR] | uninstall-hook [DIR]
+    | <lm_eval CLI arguments>]``."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["install-hook"]:
         print(f"wrote {install_hook(argv[1] if len(argv) > 1 else None)}")
@@ -442,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     # Run the importable module, not this `__main__` copy: its class is the one lm-eval must find
     # (and registering a second, `__main__`, class under the same name would collide).
-    from spacache_kernels.lm_eval_model import main as _main
+    from spacache_kernels.integrations.lm_eval_model import main as _main
 
     _main()
 else:
