@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.harness import git_commit
-from spacache_kernels.decoding import DECODE_PRESETS
+from spacache_kernels.decoding import decode_config
 from spacache_kernels.generation import generate
 from spacache_kernels.models.synthetic import SHAPES, random_model
 from spacache_kernels.policies import POLICIES, make_policy, policy_class
@@ -70,14 +70,17 @@ class Setting:
     description: str
 
 
-def _setting(name: str) -> Setting:
-    """A benchmark setting from the shared decoding presets (``spacache_kernels.decoding``)."""
-    cfg = DECODE_PRESETS[name]
+def _setting(name: str, key: str) -> Setting:
+    """Benchmark setting ``name``: the decoding of published setting ``key`` (the one table,
+    ``spacache_kernels.decoding.PUBLISHED``)."""
+    cfg = decode_config(key)
     steps = cfg.generate_kwargs()["steps"]
     return Setting(name, cfg.gen_length, steps, cfg.block_length, cfg.threshold, cfg.description)
 
 
-SETTINGS: dict[str, Setting] = {name: _setting(name) for name in ("spa-gsm8k", "fast-dllm")}
+# Benchmark label -> the published setting whose decoding it runs (every policy runs under both).
+SETTING_SOURCES = {"spa-gsm8k": "spa:llada-8b-gsm8k", "fast-dllm": "fast_dllm_dual:llada-8b-gsm8k"}
+SETTINGS: dict[str, Setting] = {name: _setting(name, key) for name, key in SETTING_SOURCES.items()}
 SWEEP_POLICY = "spa"
 SWEEP_PARAM = "max_update_ratio"
 DEFAULT_RATIOS = (0.05, 0.1, 0.25, 0.5)

@@ -3,8 +3,10 @@
 ``--prompt`` is encoded with the checkpoint's tokenizer (``--tokenizer DIR`` to use another; the chat
 template of a transformers tokenizer is applied unless ``--no-chat-template``) and the answers are
 printed as text, one line per prompt. ``--prompt-ids 5,6,7`` takes token ids and prints ids. The
-generation statistics go to stderr as one JSON line. Mistakes (a bad argument, a missing checkpoint,
-a prompt containing the mask token) are reported the argparse way: usage, the message, exit code 2.
+generation statistics go to stderr as one JSON line. ``--preset spa:llada-8b-gsm8k`` takes the
+policy and the decoding of one published setting; ``python -m spacache_kernels presets`` lists them.
+Mistakes (a bad argument, a missing checkpoint, a prompt containing the mask token) are reported the
+argparse way: usage, the message, exit code 2.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     gen.add_argument("--no-chat-template", action="store_true",
                      help="encode --prompt as plain text despite a chat template")  # fmt: skip
-    gen.add_argument("--policy", default="spa",
-                     help="a name, name:preset (e.g. spa:llada-8b) or package.module:Class")  # fmt: skip
+    which = gen.add_mutually_exclusive_group()
+    which.add_argument("--policy", default=None,
+                       help="a name, name:preset (e.g. spa:llada-8b-gsm8k) or package.module:Class "
+                       "(default: spa)")  # fmt: skip
+    which.add_argument("--preset", default=None,
+                       help="a published setting (python -m spacache_kernels presets): its policy and, "
+                       "where published, its decoding")  # fmt: skip
     gen.add_argument("--decode", default=None,
-                     help="a decoding preset (spacache_kernels.decoding.DECODE_PRESETS, e.g. spa-gsm8k, "
-                     "fast-dllm); the options below override it")  # fmt: skip
+                     help="the decoding of a published setting (e.g. spa:llada-8b-gsm8k, "
+                     "fast_dllm_dual:llada-8b-gsm8k); the options below override it")  # fmt: skip
     # Unset decoding options come from the shared DecodeConfig (the same defaults as lm-eval, bench).
     gen.add_argument("--gen-length", type=int, default=None, help="default 256")
     gen.add_argument("--steps", type=int, default=None, help="default: gen length")
@@ -54,17 +61,23 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--progress", action="store_true")
+    sub.add_parser("presets", help="print the table of published settings (Markdown)")
     return parser, gen
 
 
 def _generate(args) -> int:
     import torch
 
-    from spacache_kernels.decoding import decode_config
+    from spacache_kernels.decoding import canonical_key, decode_config, published
     from spacache_kernels.generation import generate
     from spacache_kernels.models import load_model
     from spacache_kernels.text import decode_rows, encode_prompts, load_tokenizer
 
+    policy, decode = args.policy or "spa", args.decode
+    if args.preset is not None:
+        policy = canonical_key(args.preset)  # unknown keys fail before the weights load
+        if decode is None and published(policy).decode is not None:
+            decode = policy
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_model(args.model, device=args.device, dtype=dtype)
     cfg = model.config
@@ -84,13 +97,13 @@ def _generate(args) -> int:
             mask[row, width - len(prompt) :] = 1
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
     decoding = decode_config(
-        args.decode, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+        decode, gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
         threshold=args.threshold, factor=args.factor, temperature=args.temperature, seed=args.seed,
     ).generate_kwargs()  # fmt: skip
     if decoding["eos_token_id"] is None:
         decoding["eos_token_id"] = eos
     out = generate(
-        model, ids, attention_mask=mask, policy=args.policy, backend=args.backend, progress=args.progress,
+        model, ids, attention_mask=mask, policy=policy, backend=args.backend, progress=args.progress,
         **decoding,
     )  # fmt: skip
     generated = out.sequences[:, ids.shape[1] :]
@@ -108,6 +121,11 @@ def _generate(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser, gen = _parser()
     args = parser.parse_args(argv)
+    if args.command == "presets":
+        from spacache_kernels.decoding import preset_table
+
+        print(preset_table(), end="")
+        return 0
     try:
         return _generate(args)
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as err:

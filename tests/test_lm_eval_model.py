@@ -278,6 +278,8 @@ def test_wrapper_repeats_differ_and_batching_keeps_samples(monkeypatch):
         (dict(batch_size="auto"), "batch_size: 'auto' is not supported"),
         (dict(batch_size="auto:4"), "batch_size"),
         (dict(policy="spa:no-such-preset"), "presets"),
+        (dict(preset="spa:no-such-preset"), "preset: expected one of"),
+        (dict(preset="spa:llada-8b-gsm8k", policy="spa"), "give policy or preset, not both"),
         (dict(policy="spa", proxy_rank=0), "proxy_rank"),
         (dict(policy="spa", not_an_option=1), "not_an_option"),
     ],
@@ -297,6 +299,20 @@ def test_wrapper_accepts_every_policy_spelling():
         lm = SpaCacheLM(pretrained=str(CHECKPOINT), policy=policy, gen_length=8, steps=8, block_length=8,
                         backend="torch")  # fmt: skip
         assert lm.generate_until([_Request("12+34=")], disable_tqdm=True)[0].isdigit()
+
+
+def test_wrapper_takes_a_published_setting():
+    from spacache_kernels.integrations.lm_eval_model import SpaCacheLM
+
+    # The policy and the decoding of the entry; explicit decoding arguments still override it.
+    lm = SpaCacheLM(pretrained=str(CHECKPOINT), preset="fast_dllm_dual:llada-8b-gsm8k", gen_length=8,
+                    steps=8, block_length=8, backend="torch")  # fmt: skip
+    assert lm.policy_name == "fast_dllm_dual:llada-8b-gsm8k" and lm.threshold == 0.9
+    assert lm.generate_until([_Request("12+34=")], disable_tqdm=True)[0].isdigit()
+    # An entry without a published decoding keeps the shared defaults.
+    lm = SpaCacheLM(pretrained=str(CHECKPOINT), preset="dkv_decode:llada", gen_length=8, steps=8,
+                    block_length=8, backend="torch")  # fmt: skip
+    assert lm.policy_name == "dkv_decode:llada-8b" and lm.threshold is None
 
 
 def test_wrapper_truncates_a_long_context_from_the_left(caplog):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from spacache_kernels.decoding import PUBLISHED, DecodeConfig
 from spacache_kernels.generation import (
     early_stop_pad,
     first_masked_block,
@@ -21,7 +22,6 @@ from spacache_kernels.generation import (
 from spacache_kernels.models import load_model
 from spacache_kernels.models.runtime import DenoiseRuntime
 from spacache_kernels.policies import GenerationShape, SpaCache, StepPlan, make_policy, update_ratios
-from spacache_kernels.policies.spa import PUBLISHED, PUBLISHED_RUNS
 from tests.models.checkpoints import write_llada_checkpoint
 
 N_LAYERS = 4  # the shared `llada` / `dream` fixtures of tests/conftest.py
@@ -54,24 +54,25 @@ def test_dream_gsm8k_preset_is_the_published_run():
     assert (spa.proxy_rank, spa.max_update_ratio, spa.min_update_ratio) == (32, 0.25, 0.125)
     assert (spa.refresh_steps, spa.refresh_gen_steps) == (25, 2)
     assert (spa.cache_warmup_steps, spa.early_stop_steps, spa.preset) == (1, 1, "dream-7b")
-    assert PUBLISHED["dream-7b"] == PUBLISHED["dream-7b-gsm8k"]
-    run = PUBLISHED_RUNS["dream-7b-gsm8k"]
-    assert run["script"] == "scripts/dream/eval_gsm8k.sh"
-    assert run["generate"] == {
-        "gen_length": 256, "steps": 256, "block_length": 256, "temperature": 0.2,
-        "confidence": "neg_entropy", "schedule": "spa-dream",
-    }  # fmt: skip
-    llada_run = PUBLISHED_RUNS["llada-8b-gsm8k"]["generate"]
-    assert llada_run == {"gen_length": 256, "steps": 256, "block_length": 8}
+    assert make_policy("spa:dream-7b") == spa
+    run = PUBLISHED["spa:dream-7b-gsm8k"]
+    assert "scripts/dream/eval_gsm8k.sh" in run.source
+    assert run.decode.replace(description="") == DecodeConfig(
+        gen_length=256, steps=256, block_length=256, temperature=0.2, confidence="neg_entropy",
+        schedule="spa-dream",
+    )  # fmt: skip
+    llada_run = PUBLISHED["spa:llada-8b-gsm8k"].decode
+    assert (llada_run.gen_length, llada_run.steps, llada_run.block_length) == (256, 256, 8)
 
 
-def test_every_published_run_is_a_preset_and_listed_in_the_readme():
-    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    assert len(PUBLISHED_RUNS) == 14
-    for name, run in PUBLISHED_RUNS.items():
-        assert name in PUBLISHED
-        assert f"spa:{name}" in readme and run["script"] in readme, name
-        make_policy(f"spa:{name}")  # constructible
+def test_every_published_run_is_a_preset_and_documented():
+    docs = (pathlib.Path(__file__).parents[1] / "docs" / "policies.md").read_text()
+    runs = {key: entry for key, entry in PUBLISHED.items() if "SPA-Cache scripts/" in entry.source}
+    assert len(runs) == 15  # 7 LLaDA-8B tasks, LLaDA-1.5 GSM8K, 7 Dream-7B tasks
+    for key, entry in runs.items():
+        script = entry.source.split()[1]
+        assert f"`{key}`" in docs and script in docs, key
+        make_policy(key)  # constructible
 
 
 def _fake_reset(policy, shift: bool, prompt_len: int = 5, gen_len: int = 8):

@@ -27,12 +27,15 @@ Model arguments (``--model_args key=value,...``):
 
 * ``pretrained``: checkpoint directory (LLaDA / Dream layout, see ``load_model``).
 * ``policy``: any spelling ``generate()`` accepts: a registered name (``spacache_kernels.policies.
-  POLICIES``), a name with a published preset (``spa:llada-8b``) or ``package.module:Class`` for a
+  POLICIES``), a name with a published preset (``spa:llada-8b-gsm8k``) or ``package.module:Class`` for a
   policy defined outside the package; any further argument the policy's
   constructor accepts (``max_update_ratio``, ``proxy_rank``, ``refresh_steps``, ...) is passed to it.
-* ``decode``: a decoding preset of ``spacache_kernels.decoding.DECODE_PRESETS`` (``spa-gsm8k``,
-  ``fast-dllm``, ``spa-llada-8b-math``, ...); the arguments below override it, and unset ones come
-  from the shared ``DecodeConfig`` defaults (gen 256, steps = gen_length, block 32, fixed count).
+* ``decode``: the decoding of a published setting, a key of ``spacache_kernels.decoding.PUBLISHED``
+  (``spa:llada-8b-gsm8k``, ``fast_dllm_dual:llada-8b-gsm8k``, ...); the arguments below override it,
+  and unset ones come from the shared ``DecodeConfig`` defaults (gen 256, steps = gen_length, block
+  32, fixed count).
+* ``preset``: a published setting taken whole, instead of ``policy``: its policy settings and, where
+  the source publishes one, its decoding (``decode`` and the arguments below still override it).
 * ``gen_length``, ``steps`` (default = gen_length), ``block_length``, ``threshold`` / ``factor``,
   ``temperature``, ``seed`` (default: lm-eval's torch seed; each request samples with its own seed
   derived from it and the request, so repeats differ and batching never changes a sample),
@@ -69,7 +72,7 @@ from typing import Any
 import torch
 from lm_eval.api.model import LM
 
-from spacache_kernels.decoding import decode_config
+from spacache_kernels.decoding import canonical_key, decode_config, published
 from spacache_kernels.generation import generate, validate_decoding
 from spacache_kernels.integrations import _lm_eval_hook as _hook
 from spacache_kernels.models import load_model
@@ -123,7 +126,7 @@ def _validate_decoding(gen_length, steps, block_length, threshold, factor, tempe
 
 
 def _check_policy(policy, policy_kwargs: dict) -> None:
-    """Any spelling generate() accepts ("spa", "spa:llada-8b", "fast-dllm-dual", ...); the other
+    """Any spelling generate() accepts ("spa", "spa:llada-8b-gsm8k", "fast-dllm-dual", ...); the other
     model_args must be arguments of that policy."""
     cls, _ = policy_class(str(policy))  # unknown names, presets and modules: named errors
     accepted = inspect.signature(cls.__init__).parameters
@@ -142,7 +145,7 @@ class SpaCacheLM(LM):
     def __init__(
         self,
         pretrained: str,
-        policy: str = "spa",
+        policy: str | None = None,
         gen_length: int | None = None,
         steps: int | None = None,
         block_length: int | None = None,
@@ -158,12 +161,20 @@ class SpaCacheLM(LM):
         trust_remote_code: bool = False,
         add_bos_token: bool = False,
         seed: int | None = None,
+        preset: str | None = None,
         **policy_kwargs: Any,
     ):
         super().__init__()
         for name in _HARNESS_ARGS:
             policy_kwargs.pop(name, None)
         # Everything that can be checked without the weights is checked before loading them.
+        if preset is not None:
+            if policy is not None:
+                raise ValueError(f"preset: give policy or preset, not both (got policy={policy!r})")
+            policy = canonical_key(preset)
+            if decode is None and published(policy).decode is not None:
+                decode = policy
+        policy = "spa" if policy is None else policy
         # Unset decoding arguments come from the shared DecodeConfig (a preset with decode=NAME).
         cfg = decode_config(decode, gen_length=gen_length, steps=steps, block_length=block_length,
                             threshold=threshold, factor=factor, temperature=temperature)  # fmt: skip

@@ -1,8 +1,9 @@
 """Caching policies: per step and per layer, what to refresh and which tokens to recompute.
 
-Pick one by name (``policy="spa"``), by name and published preset (``policy="dllm_cache:dream-instruct"``)
-by ``"package.module:Class"`` for a policy defined elsewhere, or pass an instance;
-:func:`make_policy` resolves all four.
+Pick one by name (``policy="spa"``), by name and published setting (``policy="spa:llada-8b-gsm8k"``,
+a key of the one table :data:`spacache_kernels.decoding.PUBLISHED`), by ``"package.module:Class"``
+for a policy defined elsewhere, or pass an instance; :func:`make_policy` resolves all four. Every
+policy is a dataclass whose ``repr`` shows every setting.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ POLICIES: dict[str, type[CachePolicy]] = {
 
 
 def policy_presets(name: str) -> list[str]:
-    """The published presets of policy ``name`` (usable as ``"name:preset"``)."""
+    """The published presets of policy ``name`` (usable as ``"name:preset"``; earlier names listed in
+    :data:`spacache_kernels.decoding.ALIASES` are accepted too)."""
     return sorted(policy_class(name)[0].presets)
 
 
@@ -56,7 +58,8 @@ def policy_class(spec: str) -> tuple[type[CachePolicy], str | None]:
     """The policy class and preset (or None) a policy string names.
 
     Spellings: a registered name (``"spa"``, ``"fast-dllm-dual"``: case, ``-`` and ``_`` do not
-    matter), a registered name with a published preset (``"spa:gsm8k-llada"``), or
+    matter), a registered name with a published preset (``"spa:llada-8b-gsm8k"``; the preset comes
+    back under its canonical name), or
     ``"package.module:Class"`` for a policy defined outside the package (the module part has a dot or
     is not a registered name; the class must subclass :class:`CachePolicy`).
     """
@@ -65,9 +68,14 @@ def policy_class(spec: str) -> tuple[type[CachePolicy], str | None]:
     head, _, tail = spec.strip().partition(":")
     key = head.strip().lower().replace("-", "_")
     if key in POLICIES:
-        cls, preset = POLICIES[key], tail.strip() or None
-        if preset is not None and preset not in cls.presets:
-            raise ValueError(f"policy: {key!r} has presets {sorted(cls.presets) or 'none'}, got {preset!r}")
+        cls, preset = POLICIES[key], tail.strip().lower() or None
+        if preset is not None:
+            try:
+                preset = cls.preset_name(preset)
+            except ValueError:
+                raise ValueError(
+                    f"policy: {key!r} has presets {sorted(cls.presets) or 'none'}, got {tail.strip()!r}"
+                ) from None
         return cls, preset
     if tail and ("." in head or importlib.util.find_spec(head.strip()) is not None):
         return _external_class(head.strip(), tail.strip(), spec), None

@@ -17,15 +17,22 @@ Every policy drives the same runtime and kernels; only these decisions differ.
 The shared types (:class:`StepPlan`, :class:`DecodeState`, :class:`GenerationShape`,
 :class:`LayerContext`) live in :mod:`spacache_kernels.contract`, below both this module and the
 runtime; the rules are written out in ``docs/policies.md``.
+
+Policies are dataclasses: their settings are the dataclass fields (validated in ``__post_init__``),
+so ``repr`` shows every one, ``dataclasses.replace`` / ``fields`` work and two policies with the same
+settings compare equal. Per-generation state is plain attributes set in :meth:`CachePolicy.reset`,
+outside the fields (and so outside ``repr`` and ``==``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
 
 from spacache_kernels.contract import DecodeState, GenerationShape, LayerContext, Region, StepPlan
+from spacache_kernels.decoding import ALIASES
 
 __all__ = [
     "CachePolicy",
@@ -45,7 +52,9 @@ class CachePolicy:
 
     Class attributes a policy sets:
         name: registry key.
-        presets: published settings by name (``from_preset`` / ``make_policy("name:preset")``).
+        presets: published settings by preset name, constructor kwargs (``from_preset`` /
+            ``make_policy("name:preset")``); the built-in policies take theirs from the one table of
+            published settings, :data:`spacache_kernels.decoding.PUBLISHED`.
         needs_branch_cache: the runtime keeps the per-layer ``attn_out + ffn_out`` of generated tokens
             (required when ``select`` returns indices).
         needs_layer_outputs: the runtime keeps every layer's output for all positions (required for
@@ -76,13 +85,21 @@ class CachePolicy:
     row_state: dict[str, int] = {}
 
     @classmethod
-    def from_preset(cls, preset: str, **overrides) -> CachePolicy:
-        """A policy with one of the published settings in ``cls.presets``; ``overrides`` win."""
-        if preset not in cls.presets:
+    def preset_name(cls, preset: str) -> str:
+        """The canonical name of ``preset`` (an older name is resolved through
+        :data:`spacache_kernels.decoding.ALIASES`), or ValueError listing ``cls.presets``."""
+        alias = ALIASES.get(f"{cls.name}:{preset}")
+        name = alias.partition(":")[2] if alias is not None else preset
+        if name not in cls.presets:
             raise ValueError(
                 f"preset: {cls.name!r} has presets {sorted(cls.presets) or 'none'}, got {preset!r}"
             )
-        return cls(**{**cls.presets[preset], **overrides})
+        return name
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides) -> CachePolicy:
+        """A policy with one of the published settings in ``cls.presets``; ``overrides`` win."""
+        return cls(**{**cls.presets[cls.preset_name(preset)], **overrides})
 
     def reset(self, model, shape: GenerationShape) -> None:
         """Allocate per-generation state (called once at the start of every generate())."""
@@ -165,8 +182,12 @@ class CachePolicy:
                 delattr(self, name)
 
     def __repr__(self) -> str:
-        """Every constructor setting: ``Name(a=1, b='x')`` (the attribute of each ``__init__``
-        parameter; parameters not stored under their own name are left out)."""
+        """Every setting: ``Name(a=1, b='x')``. A dataclass policy shows every field; any other
+        subclass the attribute of each ``__init__`` parameter (parameters not stored under their
+        own name are left out)."""
+        if dataclasses.is_dataclass(self):
+            shown = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
+            return f"{type(self).__name__}({', '.join(shown)})"
         params = inspect.signature(type(self).__init__).parameters
         skip = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
         shown = [

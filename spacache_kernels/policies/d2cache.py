@@ -1,70 +1,18 @@
 """d2Cache (Jiang et al., arXiv 2509.23094): dual adaptive caching by certainty density and
 attention rollout.
 
-Rules (docs/policies.md; the authors' ``d2Cache`` class):
-
-* Cached: K/V of every token in every layer. A token that is not selected skips the network entirely
-  in that step (its K/V stay as they are; its logits are not recomputed, so it cannot be committed:
-  ``decide_fresh_only``).
-* Step 0 runs every token. After each step, the next step's token set is chosen:
-
-  1. certainty density ``d_i = sum_j K(i - j) m_j / sum_j K(i - j)`` with ``K(D) = exp(-D^2 /
-     (2 sigma^2))`` over all positions, ``m_j = 1`` for decoded positions (the prompt counts as
-     decoded); score = cached confidence * density, plus the row's maximum score for the tokens of the
-     current block; the ``k`` best still-masked tokens inside the window from the block start to the
-     block boundary at or after the position where the cumulative masked count reaches ``k``. The
-     cached confidence of a masked token is refreshed whenever it was run (its last logits).
-     For models with shifted logits (Dream) the token before each selected one is selected too.
-  2. every token decoded in this step.
-  3. attention rollout over the layers, ``R <- rownorm(mean_heads(A) + I) @ R`` with identity rows
-     for tokens that did not run; importance = column sums of R; the nucleus (cumulative share of
-     the importance <= ``rollout_p``, at least one token) of the tokens not selected yet.
-  4. ``inflate_w > 0``: gaps of at most ``inflate_w`` positions between two selected tokens are
-     filled.
-
-Reference rules (``rules="reference"``, the default; the published numbers ran with them):
-
-* C1: the cached confidence never changes after step 0. In ``src/cache/d2cache.py`` the update's
-  ``valid_mask`` parses as ``(active_q_mask & tokens) == mask_id`` and the write goes into an
-  advanced-indexing copy (``_conf_cache[active_seq_mask][valid_mask] = ...``), so stage 1 ranks the
-  step-0 confidence times the current density.
-* C2: the density is the reference's FFT canvas (``src/utils/common.py``, :func:`canvas_density`):
-  over ``[G ones | generated | G pad]`` (pad 1 only when the last generated token is decoded),
-  normalised by the kernel's mass over the whole canvas, whatever the prompt and its padding.
-* C3: the reference narrows the caller's block mask in place (``check_can_generate``), so the search
-  window is rounded to multiples of the block's still-masked count (before the step's commit), not
-  of the block length.
-* C5: shifted logits (Dream): after the nucleus, the last prompt token's selection is *overwritten*
-  with generated token 0's (``q_mask[:, P - 1] = selected_mask[:, 0]``), not OR-ed.
-* C6 (``inflate_w > 0`` only; the published setting has 0): the reference fills the positions between
-  two selected tokens when their distance ``next - prev`` is at most ``inflate_w``, i.e. gaps of at
-  most ``inflate_w - 1`` unselected positions.
-
-``rules="corrected"`` keeps this package's earlier rules, which fix those slips: the cached confidence
-of every token that ran is refreshed, the density is taken over the real positions (prompt counted
-as decoded, left padding left out) and normalised over them, the window is rounded to the block
-length, the selection of ``P - 1`` is OR-ed, and ``inflate_w`` fills gaps of up to ``inflate_w``
-positions. It is not the published method.
-
-The published decoding (``configs/gen_args.py``, ``src/generation/vanilla.py``) ranks by confidence
-times the same canvas density ("certainty prior", sigma 10): ``generate(..., certainty_prior=10.0)``.
-
-Defaults: k 32, sigma 10, rollout_p 0.1, inflate_w 0; the paper decodes one token per step with one
-block spanning the whole answer (gen 256, steps 256, block 256) and the certainty prior.
-
-Rollout without T x T products: only the column sums ``1^T M_L ... M_1`` are needed, so the policy
-keeps each layer's head-averaged probability rows of the tokens that ran (n x T) and multiplies a row
-vector through the layers from the last one down: ``v <- v M_l`` touches only the n non-identity rows,
-O(L n T) per step instead of the reference's O(L T^3), and exact (tested against the explicit product).
-Deviations: the mask token is never predicted (the reference's argmax runs over the whole vocabulary
-and can "commit" the mask id, which leaves the position masked and can make the vanilla loop spin);
-the block bonus uses the row's own maximum score rather than the maximum over the batch
-(the ranking inside a row is the same), so a batch decodes like its rows would alone.
+After each step the next step's token set is chosen: the ``k`` masked tokens best by cached
+confidence times certainty density, the tokens just decoded, and the attention-rollout nucleus;
+every other token skips the network. ``rules="reference"`` (default) reproduces the authors' code
+including its slips (C1-C6), ``rules="corrected"`` fixes them. Rules, defaults (k 32, sigma 10,
+rollout_p 0.1) and the published decoding: ``docs/policies.md`` ("Rules of each policy",
+``d2cache``). The rollout is computed as column sums, O(L n T) per step, without any T x T product.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -92,7 +40,7 @@ def certainty_density(
 
 
 def canvas_density(decoded: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, G) certainty density as d2Cache's reference computes it (``src/utils/common.py``).
+    """(B, G) certainty density as d2Cache's reference computes it (rule C2 in docs/policies.md).
 
     decoded: (B, G) bool over the generated region. The canvas is ``[G ones | decoded | G pad]`` with
     the pad 1 only where the last generated token is decoded; ``d_i = sum_j c_j K(i + G - j) / Z``
@@ -156,8 +104,9 @@ def inflate(selected: torch.Tensor, width: int) -> torch.Tensor:
     return selected | ((prev >= 0) & (nxt < total) & (gap - 1 <= width))
 
 
+@dataclass(repr=False)
 class D2Cache(CachePolicy):
-    """d2Cache policy (see the module docstring).
+    """d2Cache policy (rules: docs/policies.md, ``d2cache``).
 
     Args:
         k: masked tokens chosen by certainty density per step.
@@ -166,7 +115,7 @@ class D2Cache(CachePolicy):
         inflate_w: fill gaps up to this width between selected tokens (0: off).
         refresh_interval: also run every token every this many steps (None: only at step 0, as the
             reference; an extension for long generations and for testing).
-        rules: "reference" (C1-C3, C5, C6 of the module docstring, the published method) or
+        rules: "reference" (C1-C3, C5, C6 of docs/policies.md, the published method) or
             "corrected".
     """
 
@@ -175,23 +124,21 @@ class D2Cache(CachePolicy):
     lockstep_blocks = True
     decide_fresh_only = True
 
-    def __init__(
-        self,
-        k: int = 32,
-        sigma: float = 10.0,
-        rollout_p: float = 0.1,
-        inflate_w: int = 0,
-        refresh_interval: int | None = None,
-        rules: str = "reference",
-        backend=None,
-    ):
+    k: int = 32
+    sigma: float = 10.0
+    rollout_p: float = 0.1
+    inflate_w: int = 0
+    refresh_interval: int | None = None
+    rules: str = "reference"
+    backend: str | None = None
+
+    def __post_init__(self):
+        rules, sigma, rollout_p, inflate_w = self.rules, self.sigma, self.rollout_p, self.inflate_w
         if rules not in RULES:
             raise ValueError(f"rules: expected one of {RULES}, got {rules!r}")
-        self.rules = rules
-        self.k = check_positive_int("k", k)
-        if refresh_interval is not None:
-            refresh_interval = check_positive_int("refresh_interval", refresh_interval)
-        self.refresh_interval = refresh_interval
+        check_positive_int("k", self.k)
+        if self.refresh_interval is not None:
+            check_positive_int("refresh_interval", self.refresh_interval)
         if (
             isinstance(sigma, bool)
             or not isinstance(sigma, (int, float))
@@ -203,8 +150,7 @@ class D2Cache(CachePolicy):
             raise ValueError(f"rollout_p: expected a value in [0, 1], got {rollout_p!r}")
         if isinstance(inflate_w, bool) or not isinstance(inflate_w, int) or inflate_w < 0:
             raise ValueError(f"inflate_w: expected an int >= 0, got {inflate_w!r}")
-        self.sigma, self.rollout_p, self.inflate_w = float(sigma), float(rollout_p), inflate_w
-        self.backend = backend
+        self.sigma, self.rollout_p = float(sigma), float(rollout_p)
 
     def reset(self, model, shape) -> None:
         super().reset(model, shape)
@@ -320,9 +266,3 @@ class D2Cache(CachePolicy):
         conf = torch.nan_to_num(conf.float(), neginf=0.0)
         self.conf = padded.scatter(1, slot, conf)[:, :gen_len]
         self.flops += 2 * target.numel() * self.model.config.d_model * self.model.lm_head.shape[0]
-
-    def __repr__(self) -> str:
-        return (
-            f"D2Cache(k={self.k}, sigma={self.sigma}, rollout_p={self.rollout_p}, "
-            f"inflate_w={self.inflate_w}, rules={self.rules!r})"
-        )

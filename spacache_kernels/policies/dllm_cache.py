@@ -1,42 +1,21 @@
 """dLLM-Cache (Liu et al., arXiv 2506.06295): long-interval prompt cache, short-interval response
 cache, and V-verify adaptive updates in between.
 
-Rules (docs/policies.md; the authors' hooks on LLaDA / Dream):
-
-* Cached per layer: K and V of every token, and the attention + FFN outputs of the response
-  (generated) tokens (held as their sum, the runtime's branch cache: a token's layer output is
-  ``input + attn_out + ffn_out`` either way).
-* Step counter ``n`` from 1 (``n = step + 1``): prompt refresh when ``(n - 1) % prompt_interval == 0``,
-  response refresh when ``(n - 1) % gen_interval == 0``. Layer 0 always refreshes prompt and
-  response. In between prompt refreshes every prompt token's residual stream is carried on: its
-  output is the fresh layer-0 output plus the cached attention + FFN outputs of the deeper layers.
-  For LLaDA-layout models no prompt state reaches a decision, so the prompt is simply not run
-  between its refreshes. For shifted-logit models (Dream) position ``P - 1`` predicts generated
-  token 0, so its state is rebuilt as the reference has it: ``embedding + fresh layer-0 branch +
-  the deeper layers' branches cached at the last prompt refresh`` (the layer-0 branch of that one
-  row is recomputed against the step's layer-0 K/V; nothing else of the prompt runs).
-* Otherwise V-verify per layer: V of every response token is computed, ``s_i = cos(V_new_i,
-  V_cached_i)`` against the cached V, and the ``int(G * ratio)`` tokens with the lowest ``s`` get Q, K,
-  attention and FFN recomputed; V of every response token is replaced, the recomputed K and branch
-  outputs are written into the caches, every other token reuses its cached branch output.
-* A prompt refresh without a response refresh recomputes the whole prompt plus the V-verified
-  response tokens in one pass.
-
-Defaults: ratio 0.25, (prompt_interval, gen_interval) = (50, 7) for LLaDA-Instruct GSM8K (gen 256,
-steps 256, block 8). Presets: ``DLLMCache.from_preset("llada-base")`` etc. (:data:`PRESETS`).
-
-Deliberate deviation: the mask token is never predicted (the reference's argmax runs over the whole
-vocabulary and can "commit" the mask id, leaving the position masked).
-
-Implementation notes: the cosine reads the fresh V that the runtime computes anyway (one V GEMM per
-layer, with the bias where the model has one) against the runtime's V cache, so the policy keeps no
-copy of its own; the selection is a stable sort (ties go to the lower position).
+Prompt and response refresh on their own periods (``prompt_interval``, ``gen_interval``); in the other
+steps each layer recomputes the ``int(G * ratio)`` response tokens whose fresh V differs most (cosine)
+from the cached V and reuses the others' cached attention + FFN output. Rules, defaults (50, 7,
+ratio 0.25) and the handling of Dream's shifted logits: ``docs/policies.md`` ("Rules of each
+policy", ``dllm_cache``); the per-model intervals are entries of
+:data:`spacache_kernels.decoding.PUBLISHED`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from spacache_kernels.decoding import settings_of
 from spacache_kernels.ops.attention import sparse_attention
 from spacache_kernels.ops.linear import gather_linear, gather_swiglu
 from spacache_kernels.ops.norm import rms_norm
@@ -49,17 +28,10 @@ from spacache_kernels.policies.base import (
     check_positive_int,
 )
 
-# (prompt_interval, gen_interval) published per model and task.
-PRESETS: dict[str, dict] = {
-    "llada-instruct": {"prompt_interval": 50, "gen_interval": 7},
-    "llada-base": {"prompt_interval": 100, "gen_interval": 6},
-    "dream-instruct": {"prompt_interval": 25, "gen_interval": 2},
-    "dream-base": {"prompt_interval": 100, "gen_interval": 8},
-}
 
-
+@dataclass(repr=False)
 class DLLMCache(CachePolicy):
-    """dLLM-Cache policy (see the module docstring).
+    """dLLM-Cache policy (rules: docs/policies.md, ``dllm_cache``).
 
     Args:
         prompt_interval: Kp, steps between prompt refreshes.
@@ -70,14 +42,18 @@ class DLLMCache(CachePolicy):
 
     name = "dllm_cache"
     row_state = {"_deeper": 0, "_refresh_branch0": 0}
-    presets = PRESETS
+    presets = settings_of("dllm_cache")
     needs_branch_cache = True
 
-    def __init__(self, prompt_interval: int = 50, gen_interval: int = 7, ratio: float = 0.25, backend=None):
-        self.prompt_interval = check_positive_int("prompt_interval", prompt_interval)
-        self.gen_interval = check_positive_int("gen_interval", gen_interval)
-        self.ratio = check_fraction("ratio", ratio)
-        self.backend = backend
+    prompt_interval: int = 50
+    gen_interval: int = 7
+    ratio: float = 0.25
+    backend: str | None = None
+
+    def __post_init__(self):
+        check_positive_int("prompt_interval", self.prompt_interval)
+        check_positive_int("gen_interval", self.gen_interval)
+        self.ratio = check_fraction("ratio", self.ratio)
 
     def reset(self, model, shape: GenerationShape) -> None:
         super().reset(model, shape)
@@ -115,7 +91,7 @@ class DLLMCache(CachePolicy):
         return drift_bottom_k(v_new, v_cached, self.budget)
 
     def _prompt_end(self, plan) -> None:
-        """Shifted logits: keep position P - 1 as the reference has it (see the module docstring)."""
+        """Shifted logits: keep position P - 1 as the reference has it (docs/policies.md)."""
         runtime, prompt_end = self.runtime, self.shape.prompt_len - 1
         branch0 = self._layer0_branch(prompt_end)
         if plan.region == "all":  # prompt refresh: P - 1 runs through every layer in this step
@@ -148,9 +124,3 @@ class DLLMCache(CachePolicy):
                           layer.w_down, backend=backend)  # fmt: skip
         self.flops += runtime._layer_flops(batch, 1, 0, 0)
         return (o + f)[:, 0]
-
-    def __repr__(self) -> str:
-        return (
-            f"DLLMCache(prompt_interval={self.prompt_interval}, gen_interval={self.gen_interval}, "
-            f"ratio={self.ratio})"
-        )

@@ -1,30 +1,15 @@
 """Elastic-Cache (Nguyen-Tri et al., arXiv 2510.14973): sliding-window queries and attention-drift
 triggered, depth-wise cache refresh.
 
-Rules (docs/policies.md):
-
-* Sliding window: only the first ``window`` (beta = 16) still-masked positions of the answer are live
-  queries; masked tokens beyond it keep their cached K/V. The live set of a step is the window, the
-  tokens decoded in the previous step, and the tracked tokens.
-* Per layer, the policy tracks the ``track_num`` (1) decoded tokens that the window's queries attend to
-  most (head-averaged probabilities, summed over the window rows). Going down the layers of a reuse
-  step, the tracked token's attention row (head-averaged, over all keys) is compared with its cached
-  row; the first layer where the cosine drops below ``gamma`` (0.9) switches every deeper layer to a
-  full recomputation of all tokens, overwriting their caches. The first step computes everything.
-* Only the window rows, the tracked rows and nothing else have their attention probabilities read:
-  they come from the attention kernel's probability-row option, never a full eager attention.
-* Commit rule: ``generate``'s unmasking rule (the paper uses threshold 0.9) restricted to tokens that
-  ran in the step (``decide_fresh_only``), i.e. to the window in reuse steps.
-
-Deviations: a drift trigger in any batch row expands the deeper layers of the whole batch (the
-reference decodes one sequence at a time; the per-row decision would need ragged layer work). A
-newly tracked token has no cached row yet; its first comparison happens the step after it becomes
-tracked. Expanded layers also refresh the tracked rows' cached attention. The mask token is never
-predicted (the reference's argmax runs over the whole vocabulary and can "commit" the mask id,
-leaving the position masked).
+Only a window of the first masked positions (plus the last step's decoded and the tracked tokens)
+runs; when a tracked token's attention row drifts below ``gamma`` in some layer, every deeper layer
+recomputes all tokens. Rules, defaults (window 16, gamma 0.9, track 1) and deviations:
+``docs/policies.md`` ("Rules of each policy", ``elastic``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -39,8 +24,9 @@ from spacache_kernels.policies.base import (
 )
 
 
+@dataclass(repr=False)
 class ElasticCache(CachePolicy):
-    """Elastic-Cache policy (see the module docstring).
+    """Elastic-Cache policy (rules: docs/policies.md, ``elastic``).
 
     Args:
         window: beta, the number of leading masked positions that are live queries.
@@ -56,17 +42,18 @@ class ElasticCache(CachePolicy):
     decide_fresh_only = True
     needs_layer_outputs = True
 
-    def __init__(
-        self, window: int = 16, gamma: float = 0.9, track_num: int = 1, refresh_interval: int | None = None,
-        backend=None,
-    ):  # fmt: skip
-        self.window = check_positive_int("window", window)
-        self.refresh_interval = (
-            None if refresh_interval is None else check_positive_int("refresh_interval", refresh_interval)
-        )
-        self.gamma = check_fraction("gamma", gamma, low_open=False)
-        self.track_num = check_positive_int("track_num", track_num)
-        self.backend = backend
+    window: int = 16
+    gamma: float = 0.9
+    track_num: int = 1
+    refresh_interval: int | None = None
+    backend: str | None = None
+
+    def __post_init__(self):
+        check_positive_int("window", self.window)
+        if self.refresh_interval is not None:
+            check_positive_int("refresh_interval", self.refresh_interval)
+        self.gamma = check_fraction("gamma", self.gamma, low_open=False)
+        check_positive_int("track_num", self.track_num)
 
     def reset(self, model, shape) -> None:
         super().reset(model, shape)
@@ -141,6 +128,3 @@ class ElasticCache(CachePolicy):
 
     def end_step(self, state: DecodeState) -> None:
         self._first = False
-
-    def __repr__(self) -> str:
-        return f"ElasticCache(window={self.window}, gamma={self.gamma}, track_num={self.track_num})"

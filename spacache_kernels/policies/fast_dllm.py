@@ -1,51 +1,38 @@
 """Fast-dLLM (Wu et al., arXiv 2505.22618): block-wise approximate KV cache, prefix and dual.
 
-Rules (docs/policies.md; the authors' LLaDA / Dream generation code):
-
-* At every block start one full forward over all tokens rebuilds every layer's K/V; that forward
-  also decodes the step (its logits are the step's logits), so a refresh costs no extra pass.
-* Prefix cache (:class:`FastDLLMPrefix`): the K/V of everything before the current block stay frozen;
-  each other step forwards the block and the whole (masked) suffix after it and rewrites their K/V.
-* Dual cache (:class:`FastDLLMDual`): the suffix K/V are frozen too; each other step forwards only
-  the block's tokens and overwrites their K/V slots.
-* Blocks advance in lockstep across the batch (as in the reference), also under threshold decoding.
-* Dream (shifted logits): the block-start forward commits the block's first token unconditionally
-  (``dream/model/generation_utils_block.py``: ``x[:, current_block_start] = x0[:, current_block_start]``)
-  before the threshold loop; under the fixed-count rule the rest of that step's count goes by
-  confidence. ``dream_block_start="rule"`` applies the ordinary unmasking rule at the block start
-  instead (this package's earlier behaviour; not the published rule). LLaDA's reference has no such
-  step, so LLaDA-layout models always use the ordinary rule.
-
-Deliberate deviation: the mask token is never predicted (the reference's argmax runs over the whole
-vocabulary and can "commit" the mask id, leaving the position masked).
-
-Defaults (the paper's setting): block 32, threshold 0.9, gen 256 / 512; these are ``generate()``
-arguments (:data:`RECOMMENDED`), the policies themselves have no parameters.
+A full forward at every block start rebuilds the K/V; the other steps forward the current block and
+the suffix (prefix cache) or the block alone (dual cache). Rules, the Dream block-start commit and
+the paper's setting (block 32, threshold 0.9: decoding arguments, entries ``fast_dllm_*`` of
+:data:`spacache_kernels.decoding.PUBLISHED`): ``docs/policies.md`` ("Rules of each policy").
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from spacache_kernels.decoding import settings_of
 from spacache_kernels.policies.base import CachePolicy, DecodeState, StepPlan
 
-RECOMMENDED = {"block_length": 32, "threshold": 0.9}
 DREAM_BLOCK_START = ("first_token", "rule")
 
 
+@dataclass(repr=False)
 class _FastDLLM(CachePolicy):
     """Args: dream_block_start: "first_token" (the reference, Dream only) or "rule"; backend."""
 
     lockstep_blocks = True
     dual = False
 
-    def __init__(self, dream_block_start: str = "first_token", backend=None):
-        if dream_block_start not in DREAM_BLOCK_START:
+    dream_block_start: str = "first_token"
+    backend: str | None = None
+
+    def __post_init__(self):
+        if self.dream_block_start not in DREAM_BLOCK_START:
             raise ValueError(
-                f"dream_block_start: expected one of {DREAM_BLOCK_START}, got {dream_block_start!r}"
+                f"dream_block_start: expected one of {DREAM_BLOCK_START}, got {self.dream_block_start!r}"
             )
-        self.dream_block_start = dream_block_start
-        self.backend = backend
 
     def forced_commit(self, state: DecodeState) -> torch.Tensor | None:
         if not (self.model.config.shift_logits and self.dream_block_start == "first_token"):
@@ -65,18 +52,17 @@ class _FastDLLM(CachePolicy):
         stop = start + state.block_length if self.dual else self.shape.prompt_len + self.shape.gen_len
         return StepPlan(region=(start, stop), kind="dual" if self.dual else "prefix")
 
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(dream_block_start={self.dream_block_start!r})"
-
 
 class FastDLLMPrefix(_FastDLLM):
     """Fast-dLLM prefix cache: per step forward the current block and the suffix."""
 
     name = "fast_dllm_prefix"
+    presets = settings_of("fast_dllm_prefix")
 
 
 class FastDLLMDual(_FastDLLM):
     """Fast-dLLM dual cache: per step forward only the current block."""
 
     name = "fast_dllm_dual"
+    presets = settings_of("fast_dllm_dual")
     dual = True

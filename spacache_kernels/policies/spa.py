@@ -1,51 +1,11 @@
 """SPA-Cache (arXiv 2602.02544): singular-proxy drift selection with per-layer budgets.
 
-Rules (reference-faithful; docs/policies.md):
-
-* Proxy: per layer ``P_l = U[:, :r] * S[:r]`` from the SVD ``Wv^T = U S Vh`` of the value projection;
-  ``proxy(h) = h @ P_l`` with ``h`` the attention-normed layer input.
-* Drift: ``s_i = cos(proxy_new_i, proxy_cached_i)`` over generated tokens; the ``int(ratio_l * G)``
-  tokens with the lowest ``s`` are recomputed (Q, attention, output projection, FFN); K/V of every
-  generated token are recomputed every step (``sparse_kv=True``: only the selected ones). After a
-  selection the cached proxy of *every* generated token becomes this step's proxy.
-* Layer 0 is always fully updated. Global step ``n`` (0-based): full refresh (prompt + generated)
-  when ``n % refresh_steps == 0``, else generated-region refresh when ``n % refresh_gen_steps == 0``,
-  else the partial update above. Outside a full refresh the prompt is not recomputed at all.
-* Budgets: ``budget="gaussian"`` with the model family's preset (LLaDA-8B: peak at 0.75 of depth,
-  start 0.03, peak 0.25, end 0.13; LLaDA-1.5: peak 0.8; Dream-7B: peak 0.5, 0.05/0.3/0.25), scaled so
-  the peak equals ``max_update_ratio``; "uniform"; or explicit per-layer ratios. A layer whose ratio
-  is 1 recomputes all generated tokens.
-
-* Warm-up (``cache_warmup_steps=w``): steps ``0 .. w`` are all full refreshes (the reference's
-  ``n_warmup_steps``; the published Dream runs use ``w = 1``, so steps 0 and 1 both refresh).
-* Early termination (``early_stop_steps``, carried out by ``generate()``): every that many steps
-  everything after a row's first EOS / pad token is overwritten with pad, a block with no mask left
-  skips its remaining steps and a row with no mask left leaves the batch. The LLaDA scripts use
-  ``early_stop_steps = block_length`` (``"block"`` here), the Dream scripts 1.
-* Shifted-logit models (Dream), steps without a full refresh: the reference computes logits over the
-  generated region only, so after the shift generated token 0 is predicted from its *own* position
-  (``first_gen_logit="own"``, the default). ``first_gen_logit="prompt_end"`` instead recomputes
-  position ``P - 1`` in every such step (all layers, like a prompt row of a full refresh) and reads
-  the prediction there, as the model's shifted head intends: more exact, slightly more work, not the
-  published rule.
-
-Reference defaults (LLaDA GSM8K, ``scripts/llada/eval_gsm8k.sh``): rank 128, max ratio 0.25,
-min ratio 2^-4 (``scripts/llada/eval.py``'s default, which the script does not override), refresh 50,
-generated refresh 7, early stop every block (8 steps). Every published script is a preset
-(:data:`PUBLISHED`: the policy settings, plus the ``generate()`` settings and the source script in
-:data:`PUBLISHED_RUNS`); ``llada-8b`` / ``llada-1.5`` / ``dream-7b`` are the GSM8K runs with that
-model's budget curve.
-
-Budget curve on other depths: the reference evaluates its presets only at the published models'
-depths (32 layers for LLaDA, 28 for Dream) and fails for any other model; here the curve is evaluated
-at ``t = l / L`` for the model's own depth ``L``. At 32 / 28 layers the ratios are identical to the
-reference's; at other depths this is an extension (same shape, resampled), not a published setting.
-
-Deliberate deviations: the mask token is never predicted (the reference's argmax runs over the
-whole vocabulary and can "commit" the mask id, leaving the position masked); when both
-``max_update_ratio`` and ``avg_update_ratio`` are given the average wins (the reference keeps the
-max); the cached proxy is held in fp32 (the reference keeps the model dtype) so that near-1 cosines
-are not quantized by bf16.
+Per layer, the generated tokens whose low-rank value proxy (``h @ U[:, :r] S[:r]`` from the SVD of
+``Wv``) drifted most since their last visit are recomputed, within a per-layer budget shaped like a
+two-sided Gaussian over depth; full and generated-region refreshes run on fixed periods. The exact
+rules, the reference defaults (rank 128, max ratio 0.25, min ratio 2^-4, refresh 50 / 7), the
+published runs (entries ``spa:*`` of :data:`spacache_kernels.decoding.PUBLISHED`) and every
+deliberate deviation are written out in ``docs/policies.md`` ("Rules of each policy", ``spa``).
 """
 
 from __future__ import annotations
@@ -56,9 +16,12 @@ import pathlib
 import tempfile
 import warnings
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from spacache_kernels.decoding import settings_of
 from spacache_kernels.ops.proxy import _resolve_rank, proxy_select, svd_proxy
 from spacache_kernels.policies.base import (
     CachePolicy,
@@ -72,75 +35,6 @@ from spacache_kernels.policies.budget import ARCH_PRESET, PRESETS, update_ratios
 
 FIRST_GEN_LOGIT = ("own", "prompt_end")
 
-
-def _llada(rank=128, refresh=50, gen_refresh=7, floor=2**-4, curve="llada-8b") -> dict:
-    """A published LLaDA run (``scripts/llada/eval_*.sh`` through ``scripts/llada/eval.py``)."""
-    return dict(
-        proxy_rank=rank, max_update_ratio=0.25, min_update_ratio=floor, refresh_steps=refresh,
-        refresh_gen_steps=gen_refresh, early_stop_steps="block", preset=curve,
-    )  # fmt: skip
-
-
-def _dream(refresh, gen_refresh, floor=2**-4) -> dict:
-    """A published Dream run (``scripts/dream/eval_*.sh`` through ``scripts/dream/eval.py``, whose
-    defaults add ``cache_warmup_steps=1`` and ``early_stop_steps=1``)."""
-    return dict(
-        proxy_rank=32, max_update_ratio=0.25, min_update_ratio=floor, refresh_steps=refresh,
-        refresh_gen_steps=gen_refresh, cache_warmup_steps=1, early_stop_steps=1, preset="dream-7b",
-    )  # fmt: skip
-
-
-# Every published SPA-Cache script (wenhao728/spa-cache f26dd1f) as a preset of policy settings.
-PUBLISHED: dict[str, dict] = {
-    "llada-8b-gsm8k": _llada(),
-    "llada-8b-math": _llada(gen_refresh=2),
-    "llada-8b-humaneval": _llada(gen_refresh=8, floor=0.2),
-    "llada-8b-mbpp": _llada(refresh=25, gen_refresh=4),
-    "llada-8b-bbh": _llada(gen_refresh=6),
-    "llada-8b-gpqa": _llada(gen_refresh=6),
-    "llada-8b-mmlu-pro": _llada(gen_refresh=3, floor=0.125),
-    "dream-7b-gsm8k": _dream(25, 2, floor=0.125),
-    "dream-7b-math": _dream(50, 1),
-    "dream-7b-humaneval": _dream(50, 3),
-    "dream-7b-mbpp": _dream(8, 3, floor=0.125),
-    "dream-7b-bbh": _dream(32, 2),
-    "dream-7b-gpqa": _dream(16, 1, floor=0.2),
-    "dream-7b-mmlu-pro": _dream(16, 4),
-}
-# The model presets are that model's GSM8K run (LLaDA-1.5 runs the LLaDA scripts with its own curve).
-PUBLISHED["llada-8b"] = PUBLISHED["llada-8b-gsm8k"]
-PUBLISHED["llada-1.5"] = _llada(curve="llada-1.5")
-PUBLISHED["dream-7b"] = PUBLISHED["dream-7b-gsm8k"]
-
-_LLADA_RUN = {"gsm8k": (256, 256, 8), "math": (256, 256, 32), "humaneval": (512, 512, 32),
-              "mbpp": (512, 512, 32), "bbh": (256, 256, 256), "gpqa": (128, 128, 64),
-              "mmlu-pro": (256, 256, 256)}  # fmt: skip
-# The generate() side of each published run and its source script. Dream's runs sample (temperature
-# 0.2; their top-p 0.95 is not implemented here) and rank by negative entropy on SPA-Cache's copy of
-# Dream's schedule (at least one token per step) over one block of 256.
-PUBLISHED_RUNS: dict[str, dict] = {
-    **{
-        f"llada-8b-{task}": {
-            "script": f"scripts/llada/eval_{task.replace('-', '_')}.sh",
-            "generate": {"gen_length": g, "steps": s, "block_length": b},
-        }
-        for task, (g, s, b) in _LLADA_RUN.items()
-    },
-    **{
-        f"dream-7b-{task}": {
-            "script": f"scripts/dream/eval_{task.replace('-', '_')}.sh",
-            "generate": {
-                "gen_length": 256,
-                "steps": 256,
-                "block_length": 256,
-                "temperature": 0.2,
-                "confidence": "neg_entropy",
-                "schedule": "spa-dream",
-            },  # fmt: skip
-        }
-        for task in ("gsm8k", "math", "humaneval", "mbpp", "bbh", "gpqa", "mmlu-pro")
-    },
-}
 
 # model -> {key: proxies}: weak, so the proxies live exactly as long as the model they belong to.
 _PROXY_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -179,8 +73,9 @@ def _write_atomically(path: pathlib.Path, value) -> None:
         raise
 
 
+@dataclass(repr=False)
 class SpaCache(CachePolicy):
-    """SPA-Cache policy. See the module docstring for the rules and defaults.
+    """SPA-Cache policy (rules and defaults: docs/policies.md, ``spa``).
 
     Args:
         proxy_rank: rank r of the singular proxy (int; clamped to the rank of Wv, where the proxy is
@@ -193,7 +88,7 @@ class SpaCache(CachePolicy):
         min_update_ratio: floor of the curve's shallow side (2^-4, the published runs' value).
         cache_warmup_steps: steps ``0 .. cache_warmup_steps`` are all full refreshes.
         early_stop_steps: early termination period for ``generate()`` (an int, ``"block"`` for the
-            block length, or None: off); see the module docstring.
+            block length, or None: off); see docs/policies.md.
         first_gen_logit: shifted-logit models only, steps without a full refresh: ``"own"`` (the
             reference) predicts generated token 0 from its own position, ``"prompt_end"`` recomputes
             position P - 1 and predicts it from there (more exact).
@@ -206,26 +101,26 @@ class SpaCache(CachePolicy):
 
     name = "spa"
     row_state = {"proxy_cache": 1}
-    presets = PUBLISHED
+    presets = settings_of("spa")
     needs_branch_cache = True
 
-    def __init__(
-        self,
-        proxy_rank: int | float = 128,
-        max_update_ratio: float | None = 0.25,
-        avg_update_ratio: float | None = None,
-        budget="gaussian",
-        refresh_steps: int = 50,
-        refresh_gen_steps: int = 7,
-        sparse_kv: bool = False,
-        preset: str = "auto",
-        min_update_ratio: float = 2**-4,
-        cache_warmup_steps: int = 0,
-        early_stop_steps: int | str | None = None,
-        first_gen_logit: str = "own",
-        cache_dir: str | os.PathLike | None = None,
-        backend: str | None = None,
-    ):
+    proxy_rank: int | float = 128
+    max_update_ratio: float | None = 0.25
+    avg_update_ratio: float | None = None
+    budget: str | Sequence[float] = "gaussian"
+    refresh_steps: int = 50
+    refresh_gen_steps: int = 7
+    sparse_kv: bool = False
+    preset: str = "auto"
+    min_update_ratio: float = 2**-4
+    cache_warmup_steps: int = 0
+    early_stop_steps: int | str | None = None
+    first_gen_logit: str = "own"
+    cache_dir: str | os.PathLike | None = None
+    backend: str | None = None
+
+    def __post_init__(self):
+        proxy_rank, preset, min_update_ratio = self.proxy_rank, self.preset, self.min_update_ratio
         if isinstance(proxy_rank, bool) or not isinstance(proxy_rank, (int, float)):
             raise TypeError(
                 f"proxy_rank: expected an int or a float fraction, got {type(proxy_rank).__name__}"
@@ -238,32 +133,30 @@ class SpaCache(CachePolicy):
             raise ValueError(f"preset: expected 'auto' or one of {sorted(PRESETS)}, got {preset!r}")
         if not 0 <= min_update_ratio <= 1:
             raise ValueError(f"min_update_ratio: expected a value in [0, 1], got {min_update_ratio}")
-        warmup = cache_warmup_steps
+        warmup = self.cache_warmup_steps
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"cache_warmup_steps: expected an int >= 0, got {cache_warmup_steps!r}")
-        if first_gen_logit not in FIRST_GEN_LOGIT:
-            raise ValueError(f"first_gen_logit: expected one of {FIRST_GEN_LOGIT}, got {first_gen_logit!r}")
-        self.cache_warmup_steps = cache_warmup_steps
-        self.early_stop_steps = check_early_stop_steps(early_stop_steps)
-        self.first_gen_logit = first_gen_logit
-        self.proxy_rank = proxy_rank
-        self.max_update_ratio = max_update_ratio
-        self.avg_update_ratio = avg_update_ratio
-        self.budget = budget
-        self.refresh_steps = check_positive_int("refresh_steps", refresh_steps)
-        self.refresh_gen_steps = check_positive_int("refresh_gen_steps", refresh_gen_steps)
-        self.sparse_kv = bool(sparse_kv)
-        self.preset = preset
-        self.min_update_ratio = min_update_ratio
+            raise ValueError(f"cache_warmup_steps: expected an int >= 0, got {warmup!r}")
+        if self.first_gen_logit not in FIRST_GEN_LOGIT:
+            raise ValueError(
+                f"first_gen_logit: expected one of {FIRST_GEN_LOGIT}, got {self.first_gen_logit!r}"
+            )
+        check_early_stop_steps(self.early_stop_steps)
+        check_positive_int("refresh_steps", self.refresh_steps)
+        check_positive_int("refresh_gen_steps", self.refresh_gen_steps)
+        self.sparse_kv = bool(self.sparse_kv)
         # expanduser: "~/x" is the home directory, not a folder named "~" in the working directory.
-        self.cache_dir = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else None
-        self.backend = backend
+        if self.cache_dir is not None:
+            self.cache_dir = pathlib.Path(self.cache_dir).expanduser()
+        budget = self.budget
         # Validates the budget arguments now rather than at the first generate().
         update_ratios(
             4 if isinstance(budget, str) else len(budget), budget,
-            max_update_ratio=max_update_ratio, avg_update_ratio=avg_update_ratio,
+            max_update_ratio=self.max_update_ratio, avg_update_ratio=self.avg_update_ratio,
             min_update_ratio=min_update_ratio, preset="llada-8b" if preset == "auto" else preset,
         )  # fmt: skip
+        if not isinstance(budget, str):
+            # Per-layer ratios as a tuple of floats: comparable (==) and not aliased to the caller's list.
+            self.budget = tuple(float(r) for r in budget)
 
     # -- setup ---------------------------------------------------------------------------------
     def layer_ratios(self, model) -> list[float]:
@@ -361,13 +254,3 @@ class SpaCache(CachePolicy):
         batch, rows, width = gen_rows.shape
         self.flops += 2 * batch * rows * width * self.proj[layer].shape[1]
         return idx if budget is not None else None
-
-    def __repr__(self) -> str:
-        return (
-            f"SpaCache(proxy_rank={self.proxy_rank}, max_update_ratio={self.max_update_ratio}, "
-            f"avg_update_ratio={self.avg_update_ratio}, budget={self.budget!r}, "
-            f"refresh_steps={self.refresh_steps}, refresh_gen_steps={self.refresh_gen_steps}, "
-            f"sparse_kv={self.sparse_kv}, min_update_ratio={self.min_update_ratio}, "
-            f"cache_warmup_steps={self.cache_warmup_steps}, early_stop_steps={self.early_stop_steps!r}, "
-            f"first_gen_logit={self.first_gen_logit!r})"
-        )
