@@ -46,7 +46,7 @@ def _token_confidence_fake(hidden, lm_head, positions, temperature, seed, row_se
 
 
 TOKEN_CONFIDENCE = define(
-    "token_confidence(Tensor hidden, Tensor lm_head, Tensor? positions, float temperature, int seed, "
+    "token_confidence(Tensor hidden, Tensor lm_head, Tensor? positions, float temperature, SymInt seed, "
     "Tensor? row_seeds, int? suppress_token, str backend) -> (Tensor, Tensor)",
     _token_confidence_impl,
     _token_confidence_fake,

@@ -63,7 +63,7 @@ def _svd_proxy_impl(w_v: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.T
 
 
 PROXY_SELECT = define(
-    "proxy_select(Tensor hidden, Tensor proj, Tensor(a!) proxy_cache, int k, str backend, str select) "
+    "proxy_select(Tensor hidden, Tensor proj, Tensor(a!) proxy_cache, SymInt k, str backend, str select) "
     "-> (Tensor, Tensor)",
     _proxy_select_impl,
     _proxy_select_fake,
