@@ -7,8 +7,9 @@ opaque node per public op (no graph break, no tracing into Triton), and the fake
 it the exact output shapes and dtypes without running anything.
 
 Why ``Library.define`` + ``impl`` and not ``torch.library.custom_op``: ``custom_op`` wraps every call
-in its own Python dispatch layer, about 9 us of host time per call on the development machine, where
-a plain ``Library`` registration costs about 1.5 us (docs/architecture.md, "Ops as torch operators").
+in its own Python dispatch layer, about 9 us of host time per call on the 2-core development machine,
+where a plain ``Library`` registration costs about 2 us (docs/architecture.md, "Ops as torch
+operators").
 
 Contract of the registered operators (what :func:`define` assumes of every implementation):
 
