@@ -227,10 +227,10 @@ def test_public_ops_return_contiguous_for_strided_inputs():
 B, L, D, HQ, HKV, DH = 2, 9, 12, 4, 2, 4
 
 
-def _layer_inputs(seed: int) -> dict[str, torch.Tensor]:
+def _layer_inputs(seed: int, device) -> dict[str, torch.Tensor]:
     g = _gen(seed)
     cos, sin = _rope_tables(L, DH)
-    return {
+    tensors = {
         "x": _randn(g, B, L, D),
         "w_norm": _randn(g, D),
         "w_v": _randn(g, HKV * DH, D),
@@ -250,6 +250,7 @@ def _layer_inputs(seed: int) -> dict[str, torch.Tensor]:
         "key_padding": torch.tensor([[False] * (L - 2) + [True] * 2, [False] * L]),
         "prob_rows": torch.tensor([[0, 2], [1, 1]]),  # rows of the S = 3 selected queries
     }
+    return {name: t.to(device) for name, t in tensors.items()}
 
 
 def _layer(t: dict[str, torch.Tensor], backend: str):
@@ -279,8 +280,8 @@ def _layer(t: dict[str, torch.Tensor], backend: str):
     return sel, scores, probs, y, token, conf
 
 
-def _run(fn, seed: int, backend: str):
-    t = _layer_inputs(seed)
+def _run(fn, seed: int, backend: str, device):
+    t = _layer_inputs(seed, device)
     return fn(t, backend), t
 
 
@@ -293,10 +294,10 @@ def _assert_same(got, want):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiled_layer_is_one_graph_equal_to_eager(backend):
-    eager, t_eager = _run(_layer, 0, backend)
+def test_compiled_layer_is_one_graph_equal_to_eager(backend, device):
+    eager, t_eager = _run(_layer, 0, backend, device)
     counter = CompileCounterWithBackend("aot_eager")
-    compiled, t_comp = _run(torch.compile(_layer, backend=counter, fullgraph=True), 0, backend)
+    compiled, t_comp = _run(torch.compile(_layer, backend=counter, fullgraph=True), 0, backend, device)
     assert counter.frame_count == 1
     called = {n.target for n in counter.graphs[0].graph.nodes if n.op == "call_function"}
     names = {c.name() for c in called if isinstance(c, torch._ops.OpOverload)}
@@ -309,15 +310,19 @@ def test_compiled_layer_is_one_graph_equal_to_eager(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_inplace_ops_mutate_under_compile(backend):
+def test_inplace_ops_mutate_under_compile(backend, device):
     """scatter_rows_, scatter_residual (cache; out=x), proxy_select (proxy cache), rms_norm(out=x) write."""
     g = _gen(9)
-    cache, src = _randn(g, 2, 7, 5), _randn(g, 2, 3, 5)
-    idx = _rand_idx(g, 2, 3, 7, distinct=True)
-    x, w = _randn(g, 2, 7, 5), _randn(g, 5)
-    hidden, proj, proxy_cache = _randn(g, 2, 7, 6), _randn(g, 6, 3), _randn(g, 2, 7, 3)
-    branch, branch_src = _randn(g, 2, 7, 5), _randn(g, 2, 3, 5)
-    stream, branch2 = _randn(g, 2, 7, 5), _randn(g, 2, 7, 5)
+    cache, src = _randn(g, 2, 7, 5, device=device), _randn(g, 2, 3, 5, device=device)
+    idx = _rand_idx(g, 2, 3, 7, distinct=True, device=device)
+    x, w = _randn(g, 2, 7, 5, device=device), _randn(g, 5, device=device)
+    hidden, proj, proxy_cache = (
+        _randn(g, 2, 7, 6, device=device),
+        _randn(g, 6, 3, device=device),
+        _randn(g, 2, 7, 3, device=device),
+    )
+    branch, branch_src = _randn(g, 2, 7, 5, device=device), _randn(g, 2, 3, 5, device=device)
+    stream, branch2 = _randn(g, 2, 7, 5, device=device), _randn(g, 2, 7, 5, device=device)
 
     want_cache = reference.scatter_rows_(cache.clone(), idx, src)
     want_x = reference.rms_norm(x, w, 1e-5)
