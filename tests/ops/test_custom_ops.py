@@ -1,11 +1,13 @@
 """The ``spacache`` torch.library operators behind the public ops.
 
-* ``torch.library.opcheck`` on every operator (schema / mutation declarations, fake implementation,
-  AOT dispatch with dynamic shapes), torch backend on fresh random CPU inputs of odd sizes, and the
-  triton backend (under the interpreter on the CPU).
-* The fake implementations against real outputs: shapes, dtypes and strides.
-* Public ops inside ``torch.compile(fullgraph=True)``: one graph, the operators in it, equal to eager,
-  and the in-place ops really mutating their arguments.
+* ``torch.library.opcheck`` (all four of its tests: schema and mutation declarations, autograd
+  registration, fake implementation, AOT dispatch with dynamic shapes) on every operator, on fresh
+  random inputs of odd sizes: torch backend on the CPU, and the triton backend (under the interpreter
+  on the CPU, where every operator passes all four).
+* The fake implementations against real outputs: shapes, dtypes and strides, also for strided inputs.
+* Public ops inside ``torch.compile(fullgraph=True)`` (``aot_eager``; one small case through
+  ``inductor``): one graph holding the operators, equal to eager, the in-place ops really mutating
+  their arguments, no recompilation per budget or seed; a CUDA graph capture on a GPU.
 """
 
 from __future__ import annotations
