@@ -7,7 +7,8 @@ prompt batch on a random-weight model; per step it reports
   the tiny model's arithmetic, on a GPU with small shapes it is the host overhead of the hot path);
 * ``launches``: kernel launches per step = Triton launches plus aten ops that are not views (the
   work a GPU step would queue), counted with a ``TorchDispatchMode`` (aten ops inside a Triton
-  launch, e.g. the interpreter's own copies, are not counted).
+  launch, e.g. the interpreter's own copies, are not counted; a ``torch.ops.spacache`` operator
+  counts as the launches inside it).
 
 Both are measured from ``stats`` and the counts over a whole ``generate()`` call, divided by the
 steps run, so the script runs unchanged on older commits (the before / after figures of a refactor).
@@ -42,9 +43,34 @@ class LaunchCounter(TorchDispatchMode):
         self.in_triton = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "spacache":
+            return self._run_operator(func, args, kwargs)
         if not self.in_triton and not func.is_view:
             self.aten += 1
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
+
+    def _run_operator(self, func, args, kwargs):
+        """A ``torch.ops.spacache`` operator is no launch itself: count what runs inside it.
+
+        Its kernel is called directly on the backend key (calling ``func`` would come back here) with
+        this mode pushed again. The dispatcher's autograd fallback has excluded the autograd keys on
+        the way to this mode, which would let composite ops (``matmul``, ``to``) reach the counter
+        undecomposed; they are re-enabled so the inner ops count as they do outside an operator.
+        """
+        key = torch._C.DispatchKey.CUDA if _on_cuda(args) else torch._C.DispatchKey.CPU
+        autograd = torch._C.DispatchKey.AutogradFunctionality
+        excluded = torch._C._dispatch_tls_is_dispatch_key_excluded(autograd)
+        torch._C._dispatch_tls_set_dispatch_key_excluded(autograd, False)
+        try:
+            with self:
+                return func.redispatch(torch._C.DispatchKeySet(key), *args, **kwargs)
+        finally:
+            torch._C._dispatch_tls_set_dispatch_key_excluded(autograd, excluded)
+
+
+def _on_cuda(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
 
 
 @contextlib.contextmanager

@@ -32,6 +32,35 @@ def test_triton_launches_count_once_and_hide_their_own_aten_ops():
     assert plain.aten > counter.aten
 
 
+def _counts(fn) -> tuple[int, int]:
+    counter = LaunchCounter()
+    with count_triton(counter), counter:
+        fn()
+    return counter.aten, counter.triton
+
+
+def test_a_spacache_operator_counts_as_the_launches_inside_it():
+    """The public ops run torch.ops.spacache operators: counted as what the reference or the launcher
+    does (the operator itself is no launch), with the same decompositions as outside an operator."""
+    from spacache_kernels import ops
+    from spacache_kernels.kernels import scatter as kernels
+    from spacache_kernels.ops import reference
+
+    g = torch.Generator().manual_seed(0)
+    hidden, head = torch.randn(2, 9, 16, generator=g), torch.randn(50, 16, generator=g)
+    positions = torch.tensor([[1, 2], [3, 4]])
+
+    def public():
+        ops.token_confidence(hidden, head, positions, backend="torch", check_indices=False)
+
+    assert _counts(public) == _counts(lambda: reference.token_confidence(hidden, head, positions))
+    assert _counts(public)[0] > 5  # matmul, argmax, logsumexp, ...
+    cache, src = torch.randn(2, 7, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    idx = torch.tensor([[0, 3, 5], [6, 1, 2]])
+    got = _counts(lambda: ops.scatter_rows_(cache, idx, src, backend="triton", check_indices=False))
+    assert got == _counts(lambda: kernels.scatter_rows(cache, idx, src)) and got[1] == 1
+
+
 def test_format_rows():
     rows = [dict(policy="spa", steps=4, host_us=1234.4, launches=10.25, triton=8.0, aten=2.25)]
     table = format_rows(rows)

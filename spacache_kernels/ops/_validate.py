@@ -2,7 +2,9 @@
 
 Kernels never validate; the ops call these before dispatch. Value checks on index tensors (range,
 duplicates) read the tensor back to the host, so they run only when ``check_indices=True``; the
-runtime's hot path passes ``False`` after constructing its indices itself.
+runtime's hot path passes ``False`` after constructing its indices itself. They are also skipped
+while ``torch.compile`` traces and while a CUDA graph is captured (:func:`host_checks_enabled`), and
+the memory overlap checks (which read data pointers) while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -13,6 +15,21 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def host_checks_enabled(*tensors: torch.Tensor | None) -> bool:
+    """Whether checks that read tensor values back to the host may run now.
+
+    False while ``torch.compile`` traces (the tensors are fakes without values; a read would break
+    the graph) and while a CUDA graph is being captured on the current stream (a device-to-host copy
+    is illegal there). The index range / distinctness checks of the ops are skipped then, as with
+    ``check_indices=False``.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if any(t is not None and t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
@@ -98,10 +115,11 @@ def check_index(
 ) -> torch.Tensor:
     """A (batch, count) int32/int64 index tensor into a dim of size ``length``.
 
-    With ``check_values``: every entry in [0, length) and, with ``unique``, no repeats within a row.
+    With ``check_values``: every entry in [0, length) and, with ``unique``, no repeats within a row
+    (a host sync; skipped where :func:`host_checks_enabled` is False).
     """
     check_tensor(name, idx, ndim=2, dtypes=INDEX_DTYPES, shape=(batch, count))
-    if check_values and idx.numel():
+    if check_values and idx.numel() and host_checks_enabled(idx):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= length:
             raise ValueError(f"{name}: expected indices in [0, {length}), got values in [{lo}, {hi}]")
@@ -120,8 +138,11 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 
 def check_disjoint(name: str, value: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
-    """Reject ``value`` whose memory may overlap ``other``'s: the kernels read and write in parallel."""
-    if value.numel() == 0 or other.numel() == 0:
+    """Reject ``value`` whose memory may overlap ``other``'s: the kernels read and write in parallel.
+
+    Skipped while ``torch.compile`` traces: fake tensors have no data pointers.
+    """
+    if torch.compiler.is_compiling() or value.numel() == 0 or other.numel() == 0:
         return
     (a0, a1), (b0, b1) = _byte_span(value), _byte_span(other)
     if a0 < b1 and b0 < a1:

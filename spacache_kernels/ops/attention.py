@@ -4,6 +4,11 @@
 have fresh queries, but each attends (bidirectionally) to all ``T`` cached keys, with grouped-query
 heads and a key padding mask. It can also return the softmax probabilities of a few query rows
 (Elastic-Cache's attention-drift test) without building the full attention matrix.
+
+Operator (:mod:`spacache_kernels.ops._library`): ``torch.ops.spacache.sparse_attention(q, k_cache,
+v_cache, key_padding?, scale?, prob_rows?, backend) -> (out, probs)`` (mutates nothing); ``probs`` is
+(B, m, Hq, T) fp32, with ``m = 0`` when ``prob_rows`` is None (an operator cannot return None; the
+public function returns None then).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import torch
 
 from spacache_kernels.ops import reference
 from spacache_kernels.ops._dispatch import resolve_backend
+from spacache_kernels.ops._library import check_op_backend, define
 from spacache_kernels.ops._validate import (
     check_float,
     check_index,
@@ -24,6 +30,41 @@ from spacache_kernels.ops._validate import (
 )
 
 MAX_TRITON_HEAD_DIM = 256  # spacache_kernels.kernels.attention.MAX_HEAD_DIM (triton is imported lazily)
+
+
+def _no_probs(q: torch.Tensor, k_cache: torch.Tensor) -> torch.Tensor:
+    """The (B, 0, Hq, T) fp32 probabilities the operator returns when no rows are asked for."""
+    return q.new_empty((q.shape[0], 0, q.shape[2], k_cache.shape[1]), dtype=torch.float32)
+
+
+def _sparse_attention_impl(q, k_cache, v_cache, key_padding, scale, prob_rows, backend: str):
+    if check_op_backend(backend) == "torch":
+        out, probs = reference.sparse_attention(q, k_cache, v_cache, key_padding, scale, prob_rows)
+        # The reference's einsum may return a permuted layout; the fake promises contiguous.
+        out = out.contiguous()
+    else:
+        from spacache_kernels.kernels import attention as kernels  # imports triton only when needed
+
+        out, probs = kernels.sparse_attention(q, k_cache, v_cache, key_padding, scale, prob_rows)
+    return out, _no_probs(q, k_cache) if probs is None else probs.contiguous()
+
+
+def _sparse_attention_fake(q, k_cache, v_cache, key_padding, scale, prob_rows, backend):
+    if prob_rows is None:
+        probs = _no_probs(q, k_cache)
+    else:
+        probs = q.new_empty(
+            (q.shape[0], prob_rows.shape[1], q.shape[2], k_cache.shape[1]), dtype=torch.float32
+        )
+    return q.new_empty(q.shape), probs
+
+
+SPARSE_ATTENTION = define(
+    "sparse_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? key_padding, float? scale, "
+    "Tensor? prob_rows, str backend) -> (Tensor, Tensor)",
+    _sparse_attention_impl,
+    _sparse_attention_fake,
+)
 
 
 def _check_scale(scale) -> float | None:
@@ -66,11 +107,12 @@ def sparse_attention(
             rows' softmax probabilities.
         backend: ``"auto" | "triton" | "torch"`` or None (``SPACACHE_BACKEND``, default auto). The
             Triton backend supports ``Dh <= 256``.
-        check_indices: verify that ``prob_rows`` lies in [0, S) (reads it back to the host: a sync).
+        check_indices: verify that ``prob_rows`` lies in [0, S) (reads it back to the host: a sync;
+            skipped while ``torch.compile`` traces or a CUDA graph is captured).
 
     Returns:
-        ``(out (B, S, Hq, Dh) in q's dtype, probs (B, m, Hq, T) fp32 or None)``; padding keys have
-        probability 0.
+        ``(out (B, S, Hq, Dh) in q's dtype, probs (B, m, Hq, T) fp32 or None)``, new contiguous
+        tensors from ``torch.ops.spacache.sparse_attention``; padding keys have probability 0.
     """
     check_float("q", q, ndim=4)
     n_batch, n_queries, n_q_heads, head_dim = q.shape
@@ -101,15 +143,10 @@ def sparse_attention(
     if prob_rows is not None and check_indices:
         check_index("prob_rows", prob_rows, batch=n_batch, length=n_queries, check_values=True, unique=False)
     backend = resolve_backend(backend, q, k_cache, v_cache)
-
-    if backend == "torch":
-        return reference.sparse_attention(q, k_cache, v_cache, key_padding, scale, prob_rows)
-
-    if head_dim > MAX_TRITON_HEAD_DIM:
+    if backend == "triton" and head_dim > MAX_TRITON_HEAD_DIM:
         raise ValueError(
             f"q: the Triton backend supports head dim Dh <= {MAX_TRITON_HEAD_DIM}, got {head_dim}; "
             "use backend='torch'"
         )
-    from spacache_kernels.kernels import attention as kernels  # imports triton only when needed
-
-    return kernels.sparse_attention(q, k_cache, v_cache, key_padding, scale, prob_rows)
+    out, probs = SPARSE_ATTENTION(q, k_cache, v_cache, key_padding, scale, prob_rows, backend)
+    return out, (None if prob_rows is None else probs)

@@ -4,6 +4,11 @@
 block), picks a token per position (argmax, or Gumbel-max sampling with counter-based noise that is
 identical on both backends) and returns its softmax probability, the confidence every unmasking
 rule of ``generate.py`` ranks by.
+
+Operator (:mod:`spacache_kernels.ops._library`): ``torch.ops.spacache.token_confidence(hidden,
+lm_head, positions?, temperature, seed, row_seeds?, suppress_token?, backend) -> (token, confidence)``
+(mutates nothing); ``seed`` is the int seed in [0, 2^32) and ``row_seeds`` the (B,) int64 per-row seeds
+in [0, 2^32) that replace it when given.
 """
 
 from __future__ import annotations
@@ -15,7 +20,37 @@ import torch
 
 from spacache_kernels.ops import reference
 from spacache_kernels.ops._dispatch import resolve_backend
+from spacache_kernels.ops._library import check_op_backend, define
 from spacache_kernels.ops._validate import check_float, check_index, check_same_device
+
+_U32 = 0xFFFFFFFF
+
+
+def _token_confidence_impl(
+    hidden, lm_head, positions, temperature: float, seed: int, row_seeds, suppress_token, backend
+):
+    seeds = seed if row_seeds is None else row_seeds
+    if check_op_backend(backend) == "torch":
+        token, conf = reference.token_confidence(
+            hidden, lm_head, positions, temperature, seeds, suppress_token
+        )
+        return token.contiguous(), conf.contiguous()
+    from spacache_kernels.kernels import confidence as kernels  # imports triton only when needed
+
+    return kernels.token_confidence(hidden, lm_head, positions, temperature, seeds, suppress_token)
+
+
+def _token_confidence_fake(hidden, lm_head, positions, temperature, seed, row_seeds, suppress_token, backend):
+    shape = (hidden.shape[0], hidden.shape[1] if positions is None else positions.shape[1])
+    return hidden.new_empty(shape, dtype=torch.int64), hidden.new_empty(shape, dtype=torch.float32)
+
+
+TOKEN_CONFIDENCE = define(
+    "token_confidence(Tensor hidden, Tensor lm_head, Tensor? positions, float temperature, SymInt seed, "
+    "Tensor? row_seeds, int? suppress_token, str backend) -> (Tensor, Tensor)",
+    _token_confidence_impl,
+    _token_confidence_fake,
+)
 
 
 def _check_temperature(temperature) -> float:
@@ -37,7 +72,7 @@ def _check_seed(seed, n_batch: int, device: torch.device) -> int | torch.Tensor:
             )
         if seed.device != device:
             raise ValueError(f"seed: expected per-row seeds on {device}, got {seed.device}")
-        return (seed.long() & 0xFFFFFFFF).contiguous()
+        return (seed.long() & _U32).contiguous()
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed: expected an int or a (B,) int tensor, got {type(seed).__name__}")
     return int(seed)
@@ -75,10 +110,12 @@ def token_confidence(
         suppress_token: a vocabulary id never chosen (generate() passes the mask id: committing the
             mask token would leave the position masked); it still counts in the softmax.
         backend: ``"auto" | "triton" | "torch"`` or None (``SPACACHE_BACKEND``, default auto).
-        check_indices: verify that ``positions`` lies in [0, L) (reads it back to the host: a sync).
+        check_indices: verify that ``positions`` lies in [0, L) (reads it back to the host: a sync;
+            skipped while ``torch.compile`` traces or a CUDA graph is captured).
 
     Returns:
-        ``(token (B, m) int64, confidence (B, m) fp32)``.
+        ``(token (B, m) int64, confidence (B, m) fp32)``, new contiguous tensors from
+        ``torch.ops.spacache.token_confidence``.
     """
     check_float("hidden", hidden, ndim=3)
     n_batch, length, d = hidden.shape
@@ -102,10 +139,11 @@ def token_confidence(
     if positions is not None and check_indices:
         check_index("positions", positions, batch=n_batch, length=length, check_values=True, unique=False)
     backend = resolve_backend(backend, hidden, lm_head, positions)
-
-    if backend == "torch":
-        return reference.token_confidence(hidden, lm_head, positions, temperature, seed, suppress_token)
-
-    from spacache_kernels.kernels import confidence as kernels  # imports triton only when needed
-
-    return kernels.token_confidence(hidden, lm_head, positions, temperature, seed, suppress_token)
+    # Only the low 32 bits select the noise (both backends mask them), and the operator's int is 64-bit.
+    if isinstance(seed, torch.Tensor):
+        int_seed, row_seeds = 0, seed
+    else:
+        int_seed, row_seeds = seed & _U32, None
+    return TOKEN_CONFIDENCE(
+        hidden, lm_head, positions, temperature, int_seed, row_seeds, suppress_token, backend
+    )

@@ -13,6 +13,11 @@ of two implementations chosen by ``impl``:
 * ``"auto"``: :data:`AUTO_TORCH_GATHER_MAX_ROWS` decides. It is ``None`` (always "fused") because no
   GPU was available to measure the crossover; set it from ``bench/test_bench_gather_linear.py`` on
   the target GPU.
+
+Operators (:mod:`spacache_kernels.ops._library`; both mutate nothing):
+``torch.ops.spacache.gather_linear(x, idx?, weight, bias?, cos?, sin?, positions?, backend, impl)``
+and ``torch.ops.spacache.gather_swiglu(x, idx?, w_gate, w_up, backend, impl)``, each ``-> Tensor``,
+with ``impl`` the resolved ``"fused"`` or ``"torch_gather"`` (ignored by the torch backend).
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import torch
 
 from spacache_kernels.ops import reference
 from spacache_kernels.ops._dispatch import resolve_backend
+from spacache_kernels.ops._library import check_op_backend, define
 from spacache_kernels.ops._validate import (
     check_float,
     check_index,
     check_same_device,
     check_same_dtype,
     check_tensor,
+    host_checks_enabled,
 )
 from spacache_kernels.ops.rope import check_rope_tables
 
@@ -106,12 +113,78 @@ def _check_rope(rope, positions, idx, *, n: int, n_batch: int, length: int, k: i
             raise ValueError(
                 f"rope: positions default to arange(L) = 0..{length - 1} but the tables have P = {n_pos} rows"
             )
-    elif check_indices and idx.numel() and int(idx.max()) >= n_pos:
+    elif check_indices and idx.numel() and host_checks_enabled(idx) and int(idx.max()) >= n_pos:
         raise ValueError(
             f"idx: used as the RoPE positions (positions=None), expected indices in [0, {n_pos}) "
             f"(the table rows), got a maximum of {int(idx.max())}"
         )
     return cos, sin
+
+
+def _check_op_impl(impl: str) -> str:
+    if impl not in ("fused", "torch_gather"):
+        raise ValueError(
+            f"impl: the spacache operators take a resolved impl ('fused', 'torch_gather'), got {impl!r}"
+        )
+    return impl
+
+
+def _gather_linear_impl(x, idx, weight, bias, cos, sin, positions, backend: str, impl: str) -> torch.Tensor:
+    tables = None if cos is None else (cos, sin)
+    if check_op_backend(backend) == "torch":
+        return reference.gather_linear(x, idx, weight, bias, rope=tables, positions=positions).contiguous()
+    if _check_op_impl(impl) == "fused":
+        from spacache_kernels.kernels.gather_linear import gather_linear_fused
+
+        return gather_linear_fused(x, idx, weight, bias, rope=tables, positions=positions)
+
+    out = torch.nn.functional.linear(index_select_rows(x, idx), weight, bias)
+    if tables is None or out.numel() == 0:
+        return out
+    from spacache_kernels.kernels.rope import apply_rope_fused
+
+    n_batch, length, _ = x.shape
+    if positions is None:
+        positions = reference.default_positions(idx, n_batch, length, x.device)
+    head_dim = cos.shape[-1]
+    heads = out.view(n_batch, out.shape[1], out.shape[2] // head_dim, head_dim)
+    apply_rope_fused(heads, positions, cos, sin, out=heads)  # in place: one pass over y
+    return out
+
+
+def _gather_linear_fake(x, idx, weight, bias, cos, sin, positions, backend, impl) -> torch.Tensor:
+    rows = x.shape[1] if idx is None else idx.shape[1]
+    return x.new_empty((x.shape[0], rows, weight.shape[0]))
+
+
+def _gather_swiglu_impl(x, idx, w_gate, w_up, backend: str, impl: str) -> torch.Tensor:
+    if check_op_backend(backend) == "torch":
+        return reference.gather_swiglu(x, idx, w_gate, w_up).contiguous()
+    if _check_op_impl(impl) == "fused":
+        from spacache_kernels.kernels.gather_linear import gather_swiglu_fused
+
+        return gather_swiglu_fused(x, idx, w_gate, w_up)
+    rows = index_select_rows(x, idx)
+    gate = torch.nn.functional.linear(rows, w_gate)
+    return torch.nn.functional.silu(gate).mul_(torch.nn.functional.linear(rows, w_up))
+
+
+def _gather_swiglu_fake(x, idx, w_gate, w_up, backend, impl) -> torch.Tensor:
+    rows = x.shape[1] if idx is None else idx.shape[1]
+    return x.new_empty((x.shape[0], rows, w_gate.shape[0]))
+
+
+GATHER_LINEAR = define(
+    "gather_linear(Tensor x, Tensor? idx, Tensor weight, Tensor? bias, Tensor? cos, Tensor? sin, "
+    "Tensor? positions, str backend, str impl) -> Tensor",
+    _gather_linear_impl,
+    _gather_linear_fake,
+)
+GATHER_SWIGLU = define(
+    "gather_swiglu(Tensor x, Tensor? idx, Tensor w_gate, Tensor w_up, str backend, str impl) -> Tensor",
+    _gather_swiglu_impl,
+    _gather_swiglu_fake,
+)
 
 
 @torch.no_grad()
@@ -135,7 +208,9 @@ def gather_linear(
     ``positions`` (B, k) int in [0, P), default ``idx`` (or ``arange(L)`` when idx is None).
     ``impl`` picks the triton-backend implementation (module docstring); the torch backend runs
     :func:`spacache_kernels.ops.reference.gather_linear`. ``check_indices=False`` skips the value
-    checks on idx/positions (host syncs). Returns (B, k, n) in x's dtype (k = 0 gives an empty tensor).
+    checks on idx/positions (host syncs), as do ``torch.compile`` tracing and CUDA graph capture.
+    Returns a new contiguous (B, k, n) tensor in x's dtype (k = 0 gives an empty tensor). Runs
+    ``torch.ops.spacache.gather_linear``.
     """
     _check_impl(impl)
     n_batch, length, d, k = _check_rows(x, idx, check_indices)
@@ -152,23 +227,8 @@ def gather_linear(
         x=x, idx=idx, weight=weight, bias=bias, positions=positions, **{"rope[0]": cos, "rope[1]": sin}
     )
 
-    if resolve_backend(backend, x, weight) == "torch":
-        return reference.gather_linear(x, idx, weight, bias, rope=tables, positions=positions)
-    if _resolve_impl(impl, n_batch * k) == "fused":
-        from spacache_kernels.kernels.gather_linear import gather_linear_fused
-
-        return gather_linear_fused(x, idx, weight, bias, rope=tables, positions=positions)
-
-    out = torch.nn.functional.linear(index_select_rows(x, idx), weight, bias)
-    if tables is None or out.numel() == 0:
-        return out
-    from spacache_kernels.kernels.rope import apply_rope_fused
-
-    if positions is None:
-        positions = reference.default_positions(idx, n_batch, length, x.device)
-    heads = out.view(n_batch, k, n // cos.shape[-1], cos.shape[-1])
-    apply_rope_fused(heads, positions, cos, sin, out=heads)  # in place: one pass over y
-    return out
+    backend = resolve_backend(backend, x, weight)
+    return GATHER_LINEAR(x, idx, weight, bias, cos, sin, positions, backend, _resolve_impl(impl, n_batch * k))
 
 
 @torch.no_grad()
@@ -186,7 +246,8 @@ def gather_swiglu(
 
     x (B, L, d) fp32/fp16/bf16, any strides; idx (B, k) int32/int64 in [0, L), repeats allowed, or
     None (all rows); w_gate, w_up (n, d) in x's dtype. ``impl`` and ``check_indices`` as in
-    :func:`gather_linear`. Returns (B, k, n) in x's dtype.
+    :func:`gather_linear`. Returns a new contiguous (B, k, n) tensor in x's dtype. Runs
+    ``torch.ops.spacache.gather_swiglu``.
     """
     _check_impl(impl)
     n_batch, _, d, k = _check_rows(x, idx, check_indices)
@@ -195,15 +256,8 @@ def gather_swiglu(
     check_same_dtype(x=x, w_gate=w_gate, w_up=w_up)
     check_same_device(x=x, idx=idx, w_gate=w_gate, w_up=w_up)
 
-    if resolve_backend(backend, x, w_gate) == "torch":
-        return reference.gather_swiglu(x, idx, w_gate, w_up)
-    if _resolve_impl(impl, n_batch * k) == "fused":
-        from spacache_kernels.kernels.gather_linear import gather_swiglu_fused
-
-        return gather_swiglu_fused(x, idx, w_gate, w_up)
-    rows = index_select_rows(x, idx)
-    gate = torch.nn.functional.linear(rows, w_gate)
-    return torch.nn.functional.silu(gate).mul_(torch.nn.functional.linear(rows, w_up))
+    backend = resolve_backend(backend, x, w_gate)
+    return GATHER_SWIGLU(x, idx, w_gate, w_up, backend, _resolve_impl(impl, n_batch * k))
 
 
 __all__ = ["AUTO_TORCH_GATHER_MAX_ROWS", "IMPLS", "gather_linear", "gather_swiglu", "index_select_rows"]

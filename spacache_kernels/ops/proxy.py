@@ -3,6 +3,12 @@
 :func:`proxy_select` scores how far each token's low-rank proxy moved since the previous step and
 picks the ``k`` tokens that moved most (lowest cosine) for recomputation; :func:`svd_proxy` builds the
 projection ``proj`` it uses from a layer's value-projection weight.
+
+Operators (:mod:`spacache_kernels.ops._library`):
+``torch.ops.spacache.proxy_select(hidden, proj, proxy_cache!, k, backend, select) -> (Tensor, Tensor)``
+mutates ``proxy_cache`` (``select``: the resolved ``"kernel"`` or ``"torch"``, ignored by the torch
+backend); ``torch.ops.spacache.svd_proxy(w_v, rank, dtype) -> Tensor`` (``rank`` the resolved int)
+mutates nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 
 from spacache_kernels.ops import reference
 from spacache_kernels.ops._dispatch import resolve_backend
+from spacache_kernels.ops._library import check_op_backend, define
 from spacache_kernels.ops._validate import (
     check_contiguous,
     check_float,
@@ -24,6 +31,48 @@ from spacache_kernels.ops._validate import (
 SELECTS = ("kernel", "torch")
 MAX_TRITON_RANK = 256  # spacache_kernels.kernels.proxy_select.MAX_RANK (not imported: triton is optional)
 MAX_KERNEL_SELECT_L = 16384  # spacache_kernels.kernels.proxy_select.MAX_SELECT_L
+
+
+def _proxy_select_impl(hidden, proj, proxy_cache, k: int, backend: str, select: str):
+    if check_op_backend(backend) == "torch":
+        update_idx, scores = reference.proxy_select(hidden, proj, proxy_cache, k)
+        return update_idx.contiguous(), scores.contiguous()
+    if select not in SELECTS:
+        raise ValueError(f"select: the spacache operators take a resolved select {SELECTS}, got {select!r}")
+    from spacache_kernels.kernels import proxy_select as kernels  # imports triton only when needed
+
+    n_batch, length, _ = hidden.shape
+    scores = torch.empty((n_batch, length), dtype=torch.float32, device=hidden.device)
+    kernels.proxy_select_fused(hidden, proj, proxy_cache, scores)
+    if select == "kernel":
+        update_idx = kernels.bottom_k_select(scores, k)
+    else:
+        update_idx = reference.bottom_k_sorted(scores, k)
+    return update_idx, scores
+
+
+def _proxy_select_fake(hidden, proj, proxy_cache, k: int, backend: str, select: str):
+    n_batch, length, _ = hidden.shape
+    update_idx = hidden.new_empty((n_batch, k), dtype=torch.int64)
+    return update_idx, hidden.new_empty((n_batch, length), dtype=torch.float32)
+
+
+def _svd_proxy_impl(w_v: torch.Tensor, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    u, s, _ = torch.linalg.svd(w_v.float().T, full_matrices=False)
+    return (u[:, :rank] * s[:rank]).to(dtype).contiguous()
+
+
+PROXY_SELECT = define(
+    "proxy_select(Tensor hidden, Tensor proj, Tensor(a!) proxy_cache, SymInt k, str backend, str select) "
+    "-> (Tensor, Tensor)",
+    _proxy_select_impl,
+    _proxy_select_fake,
+)
+SVD_PROXY = define(
+    "svd_proxy(Tensor w_v, int rank, ScalarType dtype) -> Tensor",
+    _svd_proxy_impl,
+    lambda w_v, rank, dtype: w_v.new_empty((w_v.shape[1], rank), dtype=dtype),
+)
 
 
 @torch.no_grad()
@@ -56,7 +105,8 @@ def proxy_select(
             uses ``torch.topk`` (tie order unspecified).
 
     Returns:
-        ``(update_idx (B, k) int64 ascending per row, scores (B, L) fp32)``.
+        ``(update_idx (B, k) int64 ascending per row, scores (B, L) fp32)``, both new and
+        contiguous, from ``torch.ops.spacache.proxy_select`` (which mutates ``proxy_cache``).
     """
     check_float("hidden", hidden, ndim=3)
     n_batch, length, d = hidden.shape
@@ -73,9 +123,8 @@ def proxy_select(
     if select is not None and select not in SELECTS:
         raise ValueError(f"select: expected one of {SELECTS} or None, got {select!r}")
     backend = resolve_backend(backend, hidden, proj, proxy_cache)
-
     if backend == "torch":
-        return reference.proxy_select(hidden, proj, proxy_cache, k)
+        return PROXY_SELECT(hidden, proj, proxy_cache, k, backend, "torch")  # select: unused
 
     if r > MAX_TRITON_RANK:
         raise ValueError(
@@ -89,16 +138,7 @@ def proxy_select(
             f"select: the selection kernel supports L <= {MAX_KERNEL_SELECT_L}, got L = {length}; "
             "use select='torch'"
         )
-
-    from spacache_kernels.kernels import proxy_select as kernels  # imports triton only when needed
-
-    scores = torch.empty((n_batch, length), dtype=torch.float32, device=hidden.device)
-    kernels.proxy_select_fused(hidden, proj, proxy_cache, scores)
-    if select == "kernel":
-        update_idx = kernels.bottom_k_select(scores, k)
-    else:
-        update_idx = reference.bottom_k_sorted(scores, k)
-    return update_idx, scores
+    return PROXY_SELECT(hidden, proj, proxy_cache, k, backend, select)
 
 
 def _resolve_rank(rank, out_features: int, in_features: int) -> int:
@@ -142,7 +182,7 @@ def svd_proxy(w_v: torch.Tensor, rank: int | float, *, dtype: torch.dtype | None
         dtype: the result's dtype (default ``w_v.dtype``).
 
     Returns:
-        proj (in, r) in ``dtype``.
+        proj (in, r) in ``dtype``, contiguous, from ``torch.ops.spacache.svd_proxy``.
     """
     check_float("w_v", w_v, ndim=2)
     out_features, in_features = w_v.shape
@@ -151,5 +191,4 @@ def svd_proxy(w_v: torch.Tensor, rank: int | float, *, dtype: torch.dtype | None
     r = _resolve_rank(rank, out_features, in_features)
     if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
-    u, s, _ = torch.linalg.svd(w_v.float().T, full_matrices=False)
-    return (u[:, :r] * s[:r]).to(dtype or w_v.dtype)
+    return SVD_PROXY(w_v, r, dtype or w_v.dtype)

@@ -3,6 +3,12 @@
 :func:`scatter_rows_` writes recomputed rows into a cache (e.g. sparse K/V rows into the KV cache);
 :func:`scatter_residual` is SPA-Cache's layer output: the recomputed branch rows ``o + f`` go into the
 per-layer branch cache and every row gets ``x + branch`` (cached rows reuse their stale branch).
+
+Operators (:mod:`spacache_kernels.ops._library`), all mutating ``cache``:
+``torch.ops.spacache.scatter_rows_(cache!, idx, src, backend) -> ()``,
+``torch.ops.spacache.scatter_residual(x, cache!, idx, src, backend) -> Tensor`` and
+``torch.ops.spacache.scatter_residual_out(x, cache!, idx, src, out!, backend) -> ()`` (also mutates
+``out``, which may be ``x``).
 """
 
 from __future__ import annotations
@@ -11,12 +17,57 @@ import torch
 
 from spacache_kernels.ops import reference
 from spacache_kernels.ops._dispatch import resolve_backend
+from spacache_kernels.ops._library import check_op_backend, define
 from spacache_kernels.ops._validate import (
     check_contiguous,
     check_disjoint,
     check_float,
     check_index,
     check_same_device,
+)
+
+
+def _scatter_rows_impl(cache, idx, src, backend: str) -> None:
+    if check_op_backend(backend) == "torch":
+        reference.scatter_rows_(cache, idx, src)
+        return
+    from spacache_kernels.kernels import scatter as kernels  # imports triton only when needed
+
+    kernels.scatter_rows(cache, idx, src)
+
+
+def _scatter_residual_impl(x, cache, idx, src, backend: str) -> torch.Tensor:
+    if check_op_backend(backend) == "torch":
+        return reference.scatter_residual(x, cache, idx, src).contiguous()
+    from spacache_kernels.kernels import scatter as kernels
+
+    return kernels.scatter_residual(x, cache, idx, src)
+
+
+def _scatter_residual_out_impl(x, cache, idx, src, out, backend: str) -> None:
+    if check_op_backend(backend) == "torch":
+        out.copy_(reference.scatter_residual(x, cache, idx, src))
+        return
+    from spacache_kernels.kernels import scatter as kernels
+
+    kernels.scatter_residual(x, cache, idx, src, out=out)
+
+
+SCATTER_ROWS_ = define(
+    "scatter_rows_(Tensor(a!) cache, Tensor idx, Tensor src, str backend) -> ()",
+    _scatter_rows_impl,
+    lambda cache, idx, src, backend: None,
+)
+SCATTER_RESIDUAL = define(
+    "scatter_residual(Tensor x, Tensor(a!) cache, Tensor idx, Tensor src, str backend) -> Tensor",
+    _scatter_residual_impl,
+    lambda x, cache, idx, src, backend: x.new_empty(x.shape),
+)
+SCATTER_RESIDUAL_OUT = define(
+    "scatter_residual_out(Tensor x, Tensor(a!) cache, Tensor idx, Tensor src, Tensor(b!) out, "
+    "str backend) -> ()",
+    _scatter_residual_out_impl,
+    lambda x, cache, idx, src, out, backend: None,
 )
 
 
@@ -59,22 +110,19 @@ def scatter_rows_(
         backend: ``"auto" | "triton" | "torch"`` or None (``SPACACHE_BACKEND``, default auto).
         check_indices: verify the range and distinctness of ``idx`` (reads it back to the host: a
             sync). Pass False in the hot path for indices built by the library itself; duplicates then
-            leave the winning row unspecified.
+            leave the winning row unspecified. Skipped while ``torch.compile`` traces or a CUDA graph
+            is captured, as is (while compiling) the check that ``src`` shares no memory with ``cache``.
 
     Returns:
-        ``cache``.
+        ``cache`` (mutated by ``torch.ops.spacache.scatter_rows_``).
     """
     _, length, _, _ = _check_scatter_args(cache, idx, src)
     check_same_device(cache=cache, idx=idx, src=src)
     if check_indices:
         _check_index_values(idx, length)
     check_disjoint("src", src, "cache", cache)
-    backend = resolve_backend(backend, cache, idx, src)
-    if backend == "torch":
-        return reference.scatter_rows_(cache, idx, src)
-    from spacache_kernels.kernels import scatter as kernels  # imports triton only when needed
-
-    return kernels.scatter_rows(cache, idx, src)
+    SCATTER_ROWS_(cache, idx, src, resolve_backend(backend, cache, idx, src))
+    return cache
 
 
 @torch.no_grad()
@@ -103,10 +151,13 @@ def scatter_residual(
         out: (B, L, n) in ``x``'s dtype, contiguous, or None (allocated). May be ``x`` itself (an
             in-place residual update); must not otherwise share memory with ``x``.
         backend: ``"auto" | "triton" | "torch"`` or None (``SPACACHE_BACKEND``, default auto).
-        check_indices: as in :func:`scatter_rows_`.
+        check_indices: as in :func:`scatter_rows_` (the memory overlap checks are skipped while
+            ``torch.compile`` traces).
 
     Returns:
-        ``out`` (B, L, n) in ``x``'s dtype.
+        ``out`` (B, L, n) in ``x``'s dtype: a new contiguous tensor from
+        ``torch.ops.spacache.scatter_residual`` when ``out`` is None, else ``out`` itself, written by
+        ``torch.ops.spacache.scatter_residual_out``. Both mutate ``cache``.
     """
     n_batch, length, n, _ = _check_scatter_args(cache, idx, src)
     check_float("x", x, shape=(n_batch, length, n))
@@ -123,14 +174,14 @@ def scatter_residual(
     if out is not None:
         check_disjoint("out", out, "cache", cache)
         check_disjoint("out", out, "src", src)
-        is_x = out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+        is_x = not torch.compiler.is_compiling() and (
+            out.data_ptr() == x.data_ptr() and out.stride() == x.stride()
+        )
         if not is_x:
             check_disjoint("out", out, "x", x)
 
     backend = resolve_backend(backend, x, cache, idx, src, out)
-    if backend == "torch":
-        result = reference.scatter_residual(x, cache, idx, src)
-        return result if out is None else out.copy_(result)
-    from spacache_kernels.kernels import scatter as kernels  # imports triton only when needed
-
-    return kernels.scatter_residual(x, cache, idx, src, out=out)
+    if out is None:
+        return SCATTER_RESIDUAL(x, cache, idx, src, backend)
+    SCATTER_RESIDUAL_OUT(x, cache, idx, src, out, backend)
+    return out
