@@ -14,6 +14,10 @@ random tokens and the whole answer masked. Per run it reports
 * speedup: tokens/s over vanilla's;
 * triton vs torch: the fraction of generated tokens on which the two backends agree (GPU; on the
   CPU the Triton backend is the interpreter, so this runs only with ``--compare-backends``);
+* cuda_graph: on a GPU, the fixed-count settings run once more with ``generate(..., cuda_graph=True)``
+  for every policy without ``step_syncs``: tokens/s (each call captures its own graphs, so the capture
+  is inside the timing) and the token agreement with the eager run; "eager only" where the setting
+  or the policy keeps the eager loop (threshold rule, Elastic-Cache, d2Cache), "n/a" on the CPU;
 * physical floor per step: ``max(weight bytes / copy bandwidth, FLOPs per step / GEMM peak)`` with
   both peaks measured in the same run (``bench.harness.measured_peaks``), and the floor as % of the
   measured mean step.
@@ -109,6 +113,7 @@ class E2EConfig:
     progress: bool = True
     run_timeout: float | None = None  # seconds per generate() call; None: no limit
     repeats: int = 1  # timed runs per row; the fastest is reported (a shared machine's noise)
+    cuda_graph: bool = ON_GPU  # also time generate(..., cuda_graph=True) where it applies (GPU only)
 
     def __post_init__(self):
         self.shapes = [_known("model shape", s.strip().lower(), SHAPES) for s in self.shapes]
@@ -278,8 +283,9 @@ def _policy_kwargs_ok(name: str, kwargs: dict) -> bool:
 # one run
 # ----------------------------------------------------------------------------------------------
 def run_once(
-    model, input_ids, setting: Setting, policy: str, backend: str, policy_kwargs=None, timeout=None
-) -> dict:
+    model, input_ids, setting: Setting, policy: str, backend: str, policy_kwargs=None, timeout=None,
+    cuda_graph: bool = False,
+) -> dict:  # fmt: skip
     """One timed generate(); returns the raw measurements (raises whatever generate raises).
 
     Every step commits at least one token per live row, so a run needs at most ``steps`` (fixed
@@ -294,7 +300,7 @@ def run_once(
     out = generate(
         model, input_ids, gen_length=setting.gen_length, steps=setting.steps,
         block_length=setting.block_length, policy=instance, threshold=setting.threshold, backend=backend,
-        on_step=clock,
+        on_step=clock, cuda_graph=cuda_graph,
     )  # fmt: skip
     peak_mb, work_mb = meter.stop()
     stats = out.stats
@@ -447,6 +453,7 @@ def _run_matrix(cfg: E2EConfig) -> dict:
                 row["backend_agreement"] = float((other["sequences"] == row["sequences"]).float().mean())
             except Exception as exc:
                 row["backend_agreement_error"] = _error_text(exc)
+        _cuda_graph_run(cfg, row, model, ids, setting, policy, backend, kwargs)
         rows.append(row)
         if bar is not None:
             bar.update(1)
@@ -469,6 +476,23 @@ def _run_matrix(cfg: E2EConfig) -> dict:
         "settings": {name: dataclasses.asdict(cfg.setting(name)) for name in cfg.settings},
     }  # fmt: skip
     return {"meta": meta, "rows": rows}
+
+
+def _cuda_graph_run(cfg: E2EConfig, row: dict, model, ids, setting: Setting, policy: str, backend: str,
+                    kwargs: dict) -> None:  # fmt: skip
+    """The row's ``cuda_graph`` columns: the same run with ``cuda_graph=True`` where it applies."""
+    if not cfg.cuda_graph or "error" in row or row["sweep"]:
+        return
+    if setting.threshold is not None or policy_class(policy)[0].step_syncs is not None:
+        row["cuda_graph_note"] = "eager only"
+        return
+    try:
+        graph = run_once(model, ids, setting, policy, backend, kwargs, cfg.run_timeout, cuda_graph=True)
+        row["cuda_graph_tokens_per_s"] = graph["tokens_per_s"]
+        row["cuda_graph_step_ms"] = graph["step_ms_mean"]
+        row["cuda_graph_agreement"] = float((graph["sequences"] == row["sequences"]).float().mean())
+    except Exception as exc:
+        row["cuda_graph_note"] = "error: " + _error_text(exc)
 
 
 def _prompts(model, batch: int, length: int, seed: int, device) -> torch.Tensor:
@@ -513,6 +537,7 @@ TABLE_COLUMNS = (
     ("speedup", "speedup"),
     ("flops_ratio", "FLOPs ratio"),
     ("backend_agreement", "triton=torch"),
+    ("cuda_graph_tokens_per_s", "cuda_graph tok/s"),
     ("floor_ms", "floor ms"),
     ("pct_of_floor", "% of floor"),
     ("error", "error"),
@@ -525,6 +550,12 @@ def _cell(row: dict, key: str, cpu_note: bool) -> str:
         if row.get("backend_agreement_error"):
             return "error"
         return "n/a (GPU only)" if cpu_note else ""
+    if key == "cuda_graph_tokens_per_s" and value is None and "error" not in row:
+        note = row.get("cuda_graph_note")
+        return note or ("" if row.get("sweep") else "n/a (GPU only)")  # GPU rows always get one of the two
+    if key == "cuda_graph_tokens_per_s" and value is not None:
+        agree = row.get("cuda_graph_agreement")
+        return f"{value:.1f}" + (f" ({agree:.3f} same)" if agree is not None else "")
     if key == "error" and value:
         return value if len(value) <= 70 else value[:67] + "..."
     if value is None:
@@ -754,6 +785,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also run the torch backend and report token agreement (default: on with a GPU)",
     )
     g.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run generate(..., cuda_graph=True) where it applies (default: on with a GPU)",
+    )
+    g.add_argument(
         "--repeats",
         type=int,
         default=None,
@@ -789,6 +826,8 @@ def config_from_args(args: argparse.Namespace) -> E2EConfig:
             kwargs[name] = getattr(args, name)
     if args.compare_backends is not None:
         kwargs["compare_backends"] = args.compare_backends
+    if getattr(args, "cuda_graph", None) is not None:
+        kwargs["cuda_graph"] = args.cuda_graph
     return E2EConfig(**kwargs)
 
 

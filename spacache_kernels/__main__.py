@@ -61,6 +61,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gen.add_argument("--device", default=None)
     gen.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     gen.add_argument("--progress", action="store_true")
+    gen.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each step plan as a CUDA graph, then replay (CUDA, fixed count)",
+    )
     sub.add_parser("presets", help="print the table of published settings (Markdown)")
     return parser, gen
 
@@ -104,7 +109,7 @@ def _generate(args) -> int:
         decoding["eos_token_id"] = eos
     out = generate(
         model, ids, attention_mask=mask, policy=policy, backend=args.backend, progress=args.progress,
-        **decoding,
+        cuda_graph=args.cuda_graph, **decoding,
     )  # fmt: skip
     generated = out.sequences[:, ids.shape[1] :]
     if tokenizer is not None:

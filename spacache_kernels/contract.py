@@ -75,6 +75,10 @@ class DecodeState:
     block_index: the current block when blocks advance in lockstep (fixed count, or a policy with
         ``lockstep_blocks``), else None. step_in_block: steps taken in that block before this one.
     committed: (B, T) bool, the positions committed by the previous step (None on step 0).
+    masked_count: how many generated positions every row still has masked, when the host knows it
+        without reading the tokens (fixed count on the "llada" schedule without early termination:
+        each step commits exactly its count in every row), else None. A policy that needs a per-row
+        position count as a shape (``rows_from_mask``) reads it here instead of syncing.
     """
 
     step: int
@@ -85,6 +89,7 @@ class DecodeState:
     step_in_block: int | None
     mask_id: int
     committed: torch.Tensor | None = None
+    masked_count: int | None = None
     extras: dict = field(default_factory=dict)
 
 

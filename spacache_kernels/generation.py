@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from spacache_kernels.graphs import StepBuffers, StepSettings, check_graph_args, decode_fixed
+from spacache_kernels.graphs import step_seeds as _step_seeds
 from spacache_kernels.models.model import DiffusionLM
 from spacache_kernels.models.runtime import MEASURES, DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
-from spacache_kernels.ops.reference import hash_u32
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
 from spacache_kernels.policies.base import DecodeState
 from spacache_kernels.policies.d2cache import canvas_density
@@ -80,6 +81,7 @@ class GenerationStats:
     flops_per_step: float = 0.0
     layer_recomputed_tokens: list[int] = field(default_factory=list)  # summed over steps and rows
     plan_kinds: dict[str, int] = field(default_factory=dict)
+    graph_replays: int = 0  # cuda_graph=True: steps replayed from a captured graph
     policy: str = ""
 
 
@@ -163,17 +165,6 @@ def _row_seeds(seed, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int or a sequence of per-row ints, got {type(seed).__name__}")
     return torch.full((batch,), seed & 0xFFFFFFFF, dtype=torch.int64, device=device)
-
-
-def _step_seeds(row_seeds: torch.Tensor, step: int, block_of_row: torch.Tensor, block_length: int):
-    """Per-row noise keys of one step: hash(row seed, step, first generated offset of the row's block).
-
-    The confidence op adds the offset inside the block, so the noise of a token depends on (seed,
-    step, its position in the generated region) only: never on the row's place in the batch or the
-    padded prompt width.
-    """
-    key = hash_u32(hash_u32(row_seeds) ^ step)
-    return hash_u32(key ^ (block_of_row * block_length))
 
 
 def _note_nan(conf: torch.Tensor, step: int, first_nan_step: torch.Tensor) -> torch.Tensor:
@@ -323,6 +314,8 @@ def generate(
     seed: int | list[int] | torch.Tensor = 0,
     progress: bool = False,
     on_step=None,
+    cuda_graph: bool = False,
+    compile_step: bool | str = False,
 ) -> GenerationOutput:
     """Decode ``gen_length`` masked tokens after each prompt with a caching policy.
 
@@ -366,6 +359,12 @@ def generate(
         on_step: None, or a callable ``on_step(step, plan)`` called at the start of every step with
             the step index and the policy's :class:`StepPlan` (before the step runs); an exception
             it raises ends generate() (the policy is still released).
+        cuda_graph: capture each distinct step plan once as a CUDA graph and replay it (a CUDA model,
+            the fixed-count "llada" schedule, no early termination, a policy without ``step_syncs``;
+            anything else is a ValueError naming the obstacle). Same tokens as the eager loop;
+            see ``spacache_kernels.graphs`` for what is captured and what stays eager.
+        compile_step: run each step's device part under ``torch.compile(fullgraph=True)`` (True:
+            inductor, or a backend name: "aot_eager", "eager"); the same conditions except the device.
 
     Returns:
         GenerationOutput(sequences (B, P + G) int64, stats).
@@ -402,6 +401,10 @@ def generate(
     early = _early_stop_period(early_stop_steps, policy, block_length)
     stop_ids, stop_pad = _stop_tokens(model, eos_token_id) if early else (None, None)
     fixed = threshold is None and factor is None
+    graph_mode = check_graph_args(
+        cuda_graph=cuda_graph, compile_step=compile_step, device=device, policy=policy,
+        threshold=threshold, factor=factor, early_stop=early, schedule=schedule,
+    )  # fmt: skip
     unmasking = "fixed" if fixed else ("threshold" if threshold is not None else "factor")
     policy.reset(
         model,
@@ -438,7 +441,19 @@ def generate(
     committed = None
     first_nan_step = torch.full((), -1, dtype=torch.int64, device=device)
     row_counts = None  # (B, steps per block): fixed-count schedule per row under early termination
-    while True:
+    if graph_mode is not None:  # every step on static buffers, compiled or captured (graphs.py)
+        bufs = StepBuffers.create(tokens, row_seeds, block_length)
+        settings = StepSettings(
+            prompt_len, block_length, mask_id, float(temperature), confidence, certainty_prior
+        )
+        step, runner = decode_fixed(
+            runtime, policy, rule, bufs, settings, steps=steps, mode=graph_mode, on_step=on_step, bar=bar,
+            plan_kinds=stats.plan_kinds, gen_len=gen_length,
+            compile_backend=compile_step if isinstance(compile_step, str) else "inductor",
+        )  # fmt: skip
+        first_nan_step = bufs.first_nan_step
+        stats.graph_replays = runner.replays if runner is not None else 0
+    while graph_mode is None:
         if fixed and early:
             if step_in_block >= steps_per_block:  # the block's steps are used up
                 block_index, step_in_block = block_index + 1, 0
@@ -459,10 +474,11 @@ def generate(
             block_index, step_in_block = divmod(step, steps_per_block)
             block_of_row.fill_(block_index)
         block_start = prompt_len + block_of_row * block_length
+        known = rule.masked_left(gen_length, block_index, step_in_block) if fixed and not early else None
         state = DecodeState(
             step=step, tokens=tokens, block_start=block_start, block_length=block_length,
             block_index=block_index if lockstep else None, step_in_block=step_in_block if lockstep else None,
-            mask_id=mask_id, committed=committed,
+            mask_id=mask_id, committed=committed, masked_count=known,
         )  # fmt: skip
         policy.begin_step(state)
         plan = policy.plan(step)

@@ -139,11 +139,26 @@ class FixedCount:
     def commit(self, conf, masked, *, step_in_block: int, row_counts=None, forced=None) -> torch.Tensor:
         """(B, b) bool; ``row_counts`` (B, s): per-row schedule under early termination."""
         count = _step_count(self.schedule, self.per_step, row_counts, masked, step_in_block)
+        return self.commit_count(conf, masked, count, forced)
+
+    @staticmethod
+    def commit_count(conf, masked, count, forced=None) -> torch.Tensor:
+        """(B, b) bool: ``count`` (an int, or (B,) per row) most confident masked positions, plus the
+        ``forced`` ones (counted in). The step of ``spacache_kernels.graphs`` calls this with the count
+        it read from :attr:`per_step` on the host."""
         if forced is not None:
             return _with_forced(forced & masked, conf, masked, count)
         if isinstance(count, torch.Tensor):
             return fixed_commit_counts(conf, masked, count)
         return fixed_commit(conf, masked, count)
+
+    def masked_left(self, gen_len: int, block_index: int, step_in_block: int) -> int | None:
+        """Masked positions every row still has before step ``step_in_block`` of block ``block_index``
+        (each step commits exactly its count in every row), or None where the count is not known on
+        the host (Dream's schedules: it depends on the batch's masked count)."""
+        if self.schedule != "llada":
+            return None
+        return gen_len - block_index * self.block_length - sum(self.per_step[:step_in_block])
 
 
 @dataclass(frozen=True)

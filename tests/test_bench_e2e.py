@@ -6,6 +6,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from bench import e2e
 from spacache_kernels.policies import POLICIES
@@ -62,7 +63,7 @@ def test_table_json_and_docs(result, tmp_path, capsys):
     text = e2e.format_text(result)
     header = text.splitlines()[0]
     for column in ("policy", "step ms (median)", "tok/s", "GFLOP/step", "speedup", "FLOPs ratio",
-                   "triton=torch", "floor ms", "work mem MB"):  # fmt: skip
+                   "triton=torch", "floor ms", "work mem MB", "cuda_graph tok/s"):  # fmt: skip
         assert column in header
     assert "n/a (GPU only)" in text
     assert "CPU-only machine" in e2e.header_text(result)
@@ -157,3 +158,23 @@ def test_step_guard_stops_a_run_that_never_ends():
     timed = e2e.StepClock(cuda=False, timeout=1e-9)
     with pytest.raises(e2e.RunAborted, match="run-timeout"):
         timed(0)
+
+
+def test_cuda_graph_column_says_where_the_eager_loop_stays():
+    from spacache_kernels.models.synthetic import random_model
+
+    cfg = e2e.E2EConfig(**{**TINY, "cuda_graph": True})
+    fixed, threshold = cfg.setting("spa-gsm8k"), cfg.setting("fast-dllm")
+    for setting, policy in [(threshold, "spa"), (fixed, "elastic"), (fixed, "d2cache")]:
+        row = dict(sweep=False)
+        e2e._cuda_graph_run(cfg, row, None, None, setting, policy, "torch", {})
+        assert row == dict(sweep=False, cuda_graph_note="eager only")
+    # On the CPU a run that would use graphs reports generate()'s error instead of crashing the table.
+    model = random_model("llada-tiny")
+    row = dict(sweep=False)
+    ids = torch.randint(0, 100, (1, 8))
+    e2e._cuda_graph_run(cfg, row, model, ids, fixed, "spa", "torch", {})
+    assert row["cuda_graph_note"].startswith("error: ValueError: cuda_graph: CUDA graphs need a CUDA device")
+    assert "n/a" in e2e._cell(dict(sweep=False), "cuda_graph_tokens_per_s", True)
+    assert e2e._cell(dict(cuda_graph_tokens_per_s=123.4, cuda_graph_agreement=1.0), "cuda_graph_tokens_per_s",
+                     False) == "123.4 (1.000 same)"  # fmt: skip

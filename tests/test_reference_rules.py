@@ -496,6 +496,7 @@ def test_dllm_cache_dream_prompt_end_carries_fresh_layer0_and_cached_deeper_laye
         state = DecodeState(step, tokens, torch.tensor([plen] * batch), glen, 0, step, dream.mask_id)
         policy.begin_step(state)
         runtime.step(tokens, policy.plan(step))
+        policy.end_step(state)  # the refresh step's end keeps P - 1's deeper layers
     assert policy.plan(1).region == "gen"
     token, conf = runtime.decide(torch.arange(plen, plen + glen).expand(batch, -1))
     # The reference's P - 1: embedding + layer 0 on the new tokens + layers 1.. cached at step 0.

@@ -42,7 +42,9 @@ Model arguments (``--model_args key=value,...``):
   ``backend`` ("auto" | "triton" | "torch";
   default ``SPACACHE_BACKEND``, else auto), ``device``, ``dtype`` (default bfloat16
   on CUDA, float32 on the CPU), ``batch_size`` (an integer; ``auto`` is rejected: there is nothing
-  cheap to probe). All of these are checked before the weights are loaded.
+  cheap to probe), ``cuda_graph`` (``True``: ``generate(..., cuda_graph=True)``, each step plan
+  captured once as a CUDA graph; needs CUDA, the fixed-count rule, no early termination and a
+  policy without ``step_syncs``). All of these are checked before the weights are loaded.
 * A context longer than ``max_positions - gen_length`` tokens is truncated from the left with a
   warning (as lm-eval's HF model does).
 * ``tokenizer``: a tokenizer directory (default ``pretrained``). A directory with a
@@ -74,6 +76,7 @@ from lm_eval.api.model import LM
 
 from spacache_kernels.decoding import canonical_key, decode_config, published
 from spacache_kernels.generation import generate, validate_decoding
+from spacache_kernels.graphs import check_graph_args
 from spacache_kernels.integrations import _lm_eval_hook as _hook
 from spacache_kernels.models import load_model
 from spacache_kernels.models.char_tokenizer import CharTokenizer
@@ -106,6 +109,16 @@ def _as_float(name: str, value) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected a number, got {value!r}") from None
+
+
+def _as_bool(name: str, value) -> bool:
+    """A bool, or its lm-eval model_args spelling ("true" / "false", any case)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "false"):
+        return text == "true"
+    raise ValueError(f"{name}: expected True or False, got {value!r}")
 
 
 def _batch_size(value) -> int:
@@ -162,6 +175,7 @@ class SpaCacheLM(LM):
         add_bos_token: bool = False,
         seed: int | None = None,
         preset: str | None = None,
+        cuda_graph: bool | str = False,
         **policy_kwargs: Any,
     ):
         super().__init__()
@@ -192,6 +206,13 @@ class SpaCacheLM(LM):
             raise ValueError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
         _check_policy(policy, policy_kwargs)
         self._setup_distributed(device)
+        self.cuda_graph = _as_bool("cuda_graph", cuda_graph)
+        policy_obj = make_policy(str(policy), **policy_kwargs)
+        check_graph_args(
+            cuda_graph=self.cuda_graph, compile_step=False, device=self._device, policy=policy_obj,
+            threshold=self.threshold, factor=self.factor, early_stop=policy_obj.early_stop_steps,
+            schedule=self.schedule,
+        )  # fmt: skip
         if dtype is None:
             dtype = "bfloat16" if self._device.type == "cuda" else "float32"
         self.policy_name, self.policy_kwargs = policy, dict(policy_kwargs)
@@ -386,6 +407,7 @@ class SpaCacheLM(LM):
             schedule=self.schedule,
             backend=self.backend,
             seed=seeds,
+            cuda_graph=self.cuda_graph,
         )
         self.last_stats.append(out.stats)
         gen = out.sequences[:, length:].cpu().tolist()

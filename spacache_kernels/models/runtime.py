@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from spacache_kernels.contract import LayerContext, StepPlan, check_selection, debug_checks_enabled
@@ -112,7 +111,8 @@ class DenoiseRuntime:
         self.debug = debug_checks_enabled()  # value checks of the policy's answers (host syncs)
         self.expanded = False  # whether the latest step switched to full recomputation mid-way
         self.last_plan: StepPlan | None = None  # the plan of the latest step (decide() reads it)
-        self.layer_rows = np.zeros(cfg.n_layers, dtype=np.int64)  # recomputed rows per layer (per row)
+        # Recomputed rows per layer, summed over batch rows: host ints (torch.compile keeps the updates).
+        self.layer_rows = [0] * cfg.n_layers
         self.flops = 0
         policy.attach(self)
 

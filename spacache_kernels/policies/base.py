@@ -68,6 +68,11 @@ class CachePolicy:
         row_state: per-row state, declared once: attribute name -> the dimension that indexes batch
             rows. When finished rows leave the batch the base :meth:`drop_rows` trims every declared
             attribute that holds a tensor (None is skipped), so subclasses need no ``drop_rows``.
+        step_syncs: None when a fixed-count step of the policy never reads a device value on the
+            host (no ``.item()`` / ``bool(t)`` / data-dependent shape in ``begin_step``, ``plan``, the
+            per-layer hooks or ``end_step``): its steps then compile into one graph and can be
+            captured as CUDA graphs (``generate(..., cuda_graph=True)``). Otherwise the reason, in
+            words (its published rule is data-dependent control flow); ``cuda_graph`` rejects it.
 
     Every policy inherits one deliberate deviation from the references, made in ``generate()``: the
     mask token is never predicted (the references take the argmax over the whole vocabulary and can
@@ -83,6 +88,7 @@ class CachePolicy:
     early_stop_steps: int | str | None = None
     backend: str | None = None  # None: use generate()'s backend
     row_state: dict[str, int] = {}
+    step_syncs: str | None = None
 
     @classmethod
     def preset_name(cls, preset: str) -> str:

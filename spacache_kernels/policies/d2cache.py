@@ -123,6 +123,10 @@ class D2Cache(CachePolicy):
     row_state = {"conf": 0, "_block_masked": 0, "next_rows": 0}
     lockstep_blocks = True
     decide_fresh_only = True
+    step_syncs = (
+        "the next step's token set (density top-k, this step's commits, the rollout nucleus) has a "
+        "data-dependent size, read once per step in end_step() to shape the next plan's rows"
+    )
 
     k: int = 32
     sigma: float = 10.0

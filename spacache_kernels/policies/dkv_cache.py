@@ -45,11 +45,13 @@ class DKVCacheDecode(CachePolicy):
         super().reset(model, shape)
         self._masked_prev = None  # (B, T) bool: masked at the start of the previous step
         self._masked_now = None
+        # Their per-row counts when the host knows them (DecodeState.masked_count), else None.
+        self._count_prev = self._count_now = None
 
     def begin_step(self, state: DecodeState) -> None:
         super().begin_step(state)
-        self._masked_prev = self._masked_now
-        self._masked_now = state.tokens == state.mask_id
+        self._masked_prev, self._count_prev = self._masked_now, self._count_now
+        self._masked_now, self._count_now = state.tokens == state.mask_id, state.masked_count
 
     def plan(self, step: int) -> StepPlan:
         if self.variant == "prefill":
@@ -57,4 +59,8 @@ class DKVCacheDecode(CachePolicy):
         i = self.state.step_in_block
         if i <= 1 or i % self.refresh_interval == 0 or self._masked_prev is None:
             return StepPlan(region="all", kind="full")
-        return StepPlan(region="all", kind="cached", rows=rows_from_mask(self._masked_prev))
+        # Every row has the same masked count under the fixed-count rule: the set's width is known on
+        # the host then (no sync); otherwise rows_from_mask reads the largest count.
+        count = None if self._count_prev is None else max(self._count_prev, 1)
+        return StepPlan(region="all", kind="cached", rows=rows_from_mask(self._masked_prev, count))
+

@@ -16,9 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from spacache_kernels.decoding import settings_of
-from spacache_kernels.ops.attention import sparse_attention
-from spacache_kernels.ops.linear import gather_linear, gather_swiglu
-from spacache_kernels.ops.norm import rms_norm
 from spacache_kernels.policies._rows import drift_bottom_k
 from spacache_kernels.policies.base import (
     CachePolicy,
@@ -60,8 +57,12 @@ class DLLMCache(CachePolicy):
         budget = int(shape.gen_len * self.ratio)
         self.budget = None if budget >= shape.gen_len else budget
         self.shift = bool(model.config.shift_logits)
-        self._deeper = None  # (B, d): P - 1's state at the last prompt refresh minus its layer-0 branch
-        self._refresh_branch0 = None  # (B, d): P - 1's layer-0 branch at the last prompt refresh
+        # Shifted logits only, updated in place (a captured CUDA graph replays into the same memory):
+        # (B, d) P - 1's state at the last prompt refresh minus its layer-0 branch, and that branch.
+        d, dt = model.config.d_model, model.dtype
+        self._deeper = torch.zeros(shape.batch, d, dtype=dt, device=shape.device) if self.shift else None
+        self._refresh_branch0 = torch.zeros_like(self._deeper) if self.shift else None
+        self._prompt_refreshed = False  # set while tracing a prompt-refresh step, read by end_step
 
     def plan(self, step: int) -> StepPlan:
         prompt = step % self.prompt_interval == 0
@@ -95,32 +96,40 @@ class DLLMCache(CachePolicy):
         runtime, prompt_end = self.runtime, self.shape.prompt_len - 1
         branch0 = self._layer0_branch(prompt_end)
         if plan.region == "all":  # prompt refresh: P - 1 runs through every layer in this step
-            self._refresh_branch0, self._deeper = branch0, None
+            self._refresh_branch0.copy_(branch0)
+            self._prompt_refreshed = True  # end_step keeps the deeper layers' part of its state
             return
-        if self._deeper is None:  # first step after a refresh: runtime.hidden still holds its result
-            self._deeper = runtime.hidden[:, prompt_end] - self._refresh_branch0
         # Not recomputed by the runtime in this step, so decide() reads this value.
         runtime.hidden[:, prompt_end] = self._deeper + branch0
+
+    def end_step(self, state) -> None:
+        if self._prompt_refreshed:
+            # runtime.hidden holds P - 1's state of the refresh until the next step's end; its deeper
+            # layers' part is what every step up to the next refresh adds to its fresh layer-0 branch.
+            prompt_end = self.shape.prompt_len - 1
+            self._deeper.copy_(self.runtime.hidden[:, prompt_end] - self._refresh_branch0)
+            self._prompt_refreshed = False
 
     def _layer0_branch(self, pos: int) -> torch.Tensor:
         """(B, d) attention + FFN output of layer 0 for the token at ``pos``, against the step's
         layer-0 K/V cache (the runtime's own math for one row)."""
-        model, cfg, runtime, backend = self.model, self.model.config, self.runtime, self.runtime.backend
+        # The runtime's unvalidated launchers: the public ops' index checks would read the positions
+        # on the host in every step.
+        model, cfg, runtime, ops = self.model, self.model.config, self.runtime, self.runtime.ops
         layer = model.layers[0]
         x = model.embed_tokens(self.state.tokens[:, pos : pos + 1])  # (B, 1, d)
-        h = rms_norm(x, layer.attn_norm, cfg.norm_eps, backend=backend)
-        q = gather_linear(
+        h = ops.rms_norm(x, layer.attn_norm, float(cfg.norm_eps))
+        q = ops.linear(
             h, None, layer.w_q, layer.b_q, rope=(model.rope_cos, model.rope_sin),
-            positions=runtime.positions[:, pos : pos + 1], backend=backend,
+            positions=runtime.positions[:, pos : pos + 1],
         )  # fmt: skip
         batch = x.shape[0]
-        attn, _ = sparse_attention(
+        attn, _ = ops.attention(
             q.view(batch, 1, cfg.n_heads, cfg.head_dim), runtime.k_cache[0], runtime.v_cache[0],
-            runtime.key_padding, backend=backend,
+            runtime.key_padding, None,
         )  # fmt: skip
-        o = gather_linear(attn.reshape(batch, 1, -1), None, layer.w_o, layer.b_o, backend=backend)
-        g = rms_norm(x + o, layer.ffn_norm, cfg.norm_eps, backend=backend)
-        f = gather_linear(gather_swiglu(g, None, layer.w_gate, layer.w_up, backend=backend), None,
-                          layer.w_down, backend=backend)  # fmt: skip
+        o = ops.linear(attn.reshape(batch, 1, -1), None, layer.w_o, layer.b_o)
+        g = ops.rms_norm(x + o, layer.ffn_norm, float(cfg.norm_eps))
+        f = ops.linear(ops.swiglu(g, None, layer.w_gate, layer.w_up), None, layer.w_down, None)
         self.flops += runtime._layer_flops(batch, 1, 0, 0)
         return (o + f)[:, 0]

@@ -41,6 +41,11 @@ class ElasticCache(CachePolicy):
     lockstep_blocks = True
     decide_fresh_only = True
     needs_layer_outputs = True
+    step_syncs = (
+        "the live set's size (window + last commits + tracked tokens, which may coincide) is read in "
+        "plan(), and the drift test decides on the host, layer by layer, whether the deeper layers "
+        "switch to full recomputation (1 + one read per layer up to the trigger, per reuse step)"
+    )
 
     window: int = 16
     gamma: float = 0.9
