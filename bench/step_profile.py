@@ -13,12 +13,19 @@ prompt batch on a random-weight model; per step it reports
 Both are measured from ``stats`` and the counts over a whole ``generate()`` call, divided by the
 steps run, so the script runs unchanged on older commits (the before / after figures of a refactor).
 ``--docs`` rewrites the marked section of ``docs/benchmarks.md``.
+
+``--compile BACKEND`` (e.g. ``inductor``) adds a second table: the same decoding eager and with
+``generate(..., compile_step=BACKEND)`` (each step's device part under ``torch.compile(fullgraph=
+True)``; ``spacache_kernels.graphs``). A dispatch mode cannot watch compiled code, so both rows of
+that table count launches with the profiler instead (:func:`profiled_launches`): compute kernels
+(inductor's generated ones, and every outermost aten op that is not a view or an allocation).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import pathlib
 import sys
 
@@ -130,6 +137,102 @@ def profile(shape="llada-tiny", backend="torch", batch=2, gen_length=32, block_l
     return rows
 
 
+# aten ops that queue no kernel: allocations and no-op conjugate / negation resolution.
+_NOT_KERNELS = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::resolve_conj",
+                "aten::resolve_neg", "aten::lift_fresh"}  # fmt: skip
+
+
+def _is_view(name: str) -> bool:
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None or not hasattr(packet, "overloads"):
+        return False
+    return any(getattr(packet, o).is_view for o in packet.overloads())
+
+
+def profiled_launches(fn) -> tuple[int, int]:
+    """(compiled kernels, aten kernels) that ``fn()`` runs, from ``torch.profiler`` events: inductor's
+    generated kernels (profiled through ``cpp.enable_kernel_profile`` on the CPU; ``triton_*`` on a
+    GPU) and the aten ops called from outside any other aten op that are neither views nor allocations
+    (what Python or a compiled graph's wrapper calls: ``linear`` counts once, not with its ``mm``)."""
+    import torch._inductor.config as inductor_config
+    from torch.profiler import ProfilerActivity, profile
+
+    with (
+        inductor_config.patch({"cpp.enable_kernel_profile": True}),
+        profile(activities=[ProfilerActivity.CPU]) as prof,
+    ):
+        fn()
+
+    def kernel_like(name: str) -> bool:
+        return name.startswith("aten::") and name not in _NOT_KERNELS and not _is_view(name)
+
+    def inside_kernel(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if kernel_like(parent.name):
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    compiled = aten = 0
+    for event in prof.events():
+        name = event.name
+        if "cpp_fused" in name or name.startswith("triton_"):
+            compiled += 1
+        elif kernel_like(name) and not inside_kernel(event):
+            aten += 1  # the outermost: linear -> matmul -> mm, or mul -> (scalar copy), counts once
+    return compiled, aten
+
+
+def compare_compiled(policies, compile_backend="inductor", shape="llada-tiny", backend="torch", batch=2,
+                     gen_length=32, block_length=16, steps=16, repeats=3,
+                     device=None) -> list[dict]:  # fmt: skip
+    """Per policy two rows, eager and ``compile_step=compile_backend``: host_us per step (the fastest of
+    ``repeats`` runs after a warm-up that also compiles) and profiled launches per step."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = random_model(shape, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    ids = torch.randint(0, 1000, (batch, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    kw = dict(gen_length=gen_length, steps=steps, block_length=block_length, backend=backend)
+    rows = []
+    for name in policies:
+        for mode in ("eager", compile_backend):
+            extra = {} if mode == "eager" else {"compile_step": compile_backend}
+            want = None if mode == "eager" else rows[-1]["sequences"]
+            first = generate(model, ids, policy=make_policy(name), **kw, **extra)  # warm-up, compilation
+            best = min(
+                (generate(model, ids, policy=make_policy(name), **kw, **extra).stats for _ in range(repeats)),
+                key=lambda s: s.seconds,
+            )
+            once = functools.partial(generate, model, ids, policy=make_policy(name), **kw, **extra)
+            compiled, aten = profiled_launches(once)
+            rows.append(
+                dict(
+                    policy=name, mode="eager" if mode == "eager" else f"compiled ({mode})", steps=best.steps,
+                    host_us=1e6 * best.seconds / best.steps, launches=(compiled + aten) / best.steps,
+                    compiled=compiled / best.steps, aten=aten / best.steps, sequences=first.sequences,
+                    same_tokens=None if want is None else bool(torch.equal(want, first.sequences)),
+                )
+            )  # fmt: skip
+    for row in rows:
+        row.pop("sequences")
+    return rows
+
+
+def format_compiled(rows: list[dict]) -> str:
+    lines = [
+        "| policy | mode | host us / step | launches / step | compiled kernels | aten kernels | same tokens "
+        "|",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        same = "" if r["same_tokens"] is None else ("yes" if r["same_tokens"] else "NO")
+        lines.append(
+            f"| {r['policy']} | {r['mode']} | {r['host_us']:.0f} | {r['launches']:.1f} | "
+            f"{r['compiled']:.1f} | {r['aten']:.1f} | {same} |"
+        )
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     lines = [
         "| policy | steps | host us / step | launches / step | Triton | aten |",
@@ -143,15 +246,16 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str, note: str) -> None:
+def write_docs(table: str, note: str, begin: str = BEGIN, end: str = END,
+               title: str = "Host time and launches per step") -> None:  # fmt: skip
     text = DOCS.read_text()
     marker = "<!-- generated by bench/step_profile.py; edits between these markers are overwritten -->"
-    block = f"{BEGIN}\n{marker}\n{note}\n\n{table}\n{END}"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{begin}\n{marker}\n{note}\n\n{table}\n{end}"
+    if begin in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Host time and launches per step\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n## {title}\n\n" + block + "\n"
     DOCS.write_text(text)
 
 
@@ -162,6 +266,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (default 1)")
     parser.add_argument("--docs", action="store_true", help="rewrite the section of docs/benchmarks.md")
+    parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="also compare eager with compile_step=BACKEND (inductor / aot_eager / eager)",
+    )
+    parser.add_argument("--compile-policies", default="vanilla,spa", help="policies of the --compile table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.backend is None:
@@ -176,6 +287,19 @@ def main(argv=None) -> int:
             f"gen_length 32, block 16, 16 steps, fixed count; device: {dev}, {args.threads} thread(s)."
         )
         write_docs(table, note)
+    if args.compile:
+        compiled = compare_compiled(args.compile_policies.split(","), args.compile, backend=args.backend,
+                                    repeats=args.repeats)  # fmt: skip
+        table = format_compiled(compiled)
+        print(table)
+        if args.docs:
+            note = (
+                f"{args.shape}, backend {args.backend}, batch 2, prompt 16, gen_length 32, block 16, "
+                f"16 steps, fixed count; eager against compile_step={args.compile!r}; launches counted "
+                f"with the profiler (bench/step_profile.py: profiled_launches); {args.threads} thread(s)."
+            )
+            write_docs(table, note, "<!-- step-compile:begin -->", "<!-- step-compile:end -->",
+                       "Eager against compiled steps")  # fmt: skip
     return 0
 
 

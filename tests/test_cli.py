@@ -76,6 +76,7 @@ def test_cli_seed_selects_the_sample(capsys):
         (["--prompt", "abc", "--gen-length", "12"], "gen_length: expected a multiple of block_length"),
         (["--prompt", "1+1=", "--policy", "spa:nope"], "presets"),
         (["--prompt", "1+1=", "--tokenizer", "/no/such/dir"], "tokenizer: expected"),
+        (["--prompt", "1+1=", "--cuda-graph", "--device", "cpu"], "cuda_graph: CUDA graphs need"),
     ],
 )
 def test_cli_user_errors_are_reported_the_argparse_way(capsys, extra, message):

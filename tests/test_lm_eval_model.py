@@ -282,6 +282,10 @@ def test_wrapper_repeats_differ_and_batching_keeps_samples(monkeypatch):
         (dict(preset="spa:llada-8b-gsm8k", policy="spa"), "give policy or preset, not both"),
         (dict(policy="spa", proxy_rank=0), "proxy_rank"),
         (dict(policy="spa", not_an_option=1), "not_an_option"),
+        (dict(cuda_graph="maybe"), "cuda_graph: expected True or False"),
+        (dict(cuda_graph="True", device="cpu"), "cuda_graph: CUDA graphs need a CUDA device"),
+        (dict(cuda_graph=True, device="cpu", threshold=0.9), "cuda_graph: CUDA graphs need"),
+        (dict(cuda_graph=True, device="cpu", policy="elastic"), "cuda_graph: CUDA graphs need"),
     ],
 )
 def test_wrapper_validates_arguments_before_loading(kwargs, match):

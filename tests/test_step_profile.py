@@ -65,3 +65,28 @@ def test_format_rows():
     rows = [dict(policy="spa", steps=4, host_us=1234.4, launches=10.25, triton=8.0, aten=2.25)]
     table = format_rows(rows)
     assert table.splitlines()[2] == "| spa | 4 | 1234 | 10.2 | 8.0 | 2.2 |"
+
+
+def test_profiled_launches_count_outermost_compute_ops_not_views_or_allocations():
+    from bench.step_profile import profiled_launches
+
+    x = torch.randn(4, 3)
+    compiled, aten = profiled_launches(lambda: (x.view(12)[2:] * 2).sum())
+    assert (compiled, aten) == (0, 2)  # mul and sum; the view and slice are not kernels
+    w = torch.randn(5, 3)
+    compiled, aten = profiled_launches(lambda: torch.nn.functional.linear(x, w))
+    assert (compiled, aten) == (0, 1)  # linear -> matmul -> mm: one call
+
+
+def test_format_compiled():
+    from bench.step_profile import format_compiled
+
+    rows = [
+        dict(policy="spa", mode="eager", host_us=900.0, launches=300.0, compiled=0.0, aten=300.0,
+             same_tokens=None),
+        dict(policy="spa", mode="compiled (inductor)", host_us=400.0, launches=60.5, compiled=20.0, aten=40.5,
+             same_tokens=True),
+    ]  # fmt: skip
+    lines = format_compiled(rows).splitlines()
+    assert lines[2] == "| spa | eager | 900 | 300.0 | 0.0 | 300.0 |  |"
+    assert lines[3] == "| spa | compiled (inductor) | 400 | 60.5 | 20.0 | 40.5 | yes |"
