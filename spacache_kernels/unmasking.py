@@ -90,7 +90,8 @@ def _with_forced(forced, conf, masked, count) -> torch.Tensor:
     those; the fixed-count rule commits them plus the rest of the step's ``count`` by confidence."""
     if count is None:
         return forced
-    rest = torch.as_tensor(count, device=masked.device) - forced.sum(1)
+    # count - tensor, not as_tensor(count): no host-to-device copy inside a captured CUDA graph.
+    rest = count - forced.sum(1)
     return forced | fixed_commit_counts(conf, masked & ~forced, rest.clamp_min(0))
 
 
