@@ -85,8 +85,8 @@ def test_format_compiled():
         dict(policy="spa", mode="eager", host_us=900.0, launches=300.0, compiled=0.0, aten=300.0,
              same_tokens=None),
         dict(policy="spa", mode="compiled (inductor)", host_us=400.0, launches=60.5, compiled=20.0, aten=40.5,
-             same_tokens=True),
+             same_tokens=0.875),
     ]  # fmt: skip
     lines = format_compiled(rows).splitlines()
     assert lines[2] == "| spa | eager | 900 | 300.0 | 0.0 | 300.0 |  |"
-    assert lines[3] == "| spa | compiled (inductor) | 400 | 60.5 | 20.0 | 40.5 | yes |"
+    assert lines[3] == "| spa | compiled (inductor) | 400 | 60.5 | 20.0 | 40.5 | 0.875 |"
