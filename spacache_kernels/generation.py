@@ -364,7 +364,8 @@ def generate(
             anything else is a ValueError naming the obstacle). Same tokens as the eager loop;
             see ``spacache_kernels.graphs`` for what is captured and what stays eager.
         compile_step: run each step's device part under ``torch.compile(fullgraph=True)`` (True:
-            inductor, or a backend name: "aot_eager", "eager"); the same conditions except the device.
+            inductor, or a backend name: "aot_eager", "eager"); the same conditions except the device
+            (checked on the torch backend; the Triton kernels under dynamo are not checked yet).
 
     Returns:
         GenerationOutput(sequences (B, P + G) int64, stats).
