@@ -63,4 +63,3 @@ class DKVCacheDecode(CachePolicy):
         # the host then (no sync); otherwise rows_from_mask reads the largest count.
         count = None if self._count_prev is None else max(self._count_prev, 1)
         return StepPlan(region="all", kind="cached", rows=rows_from_mask(self._masked_prev, count))
-
