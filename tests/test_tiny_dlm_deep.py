@@ -125,7 +125,7 @@ def test_vanilla_reaches_documented_accuracy(tok, training, vanilla_tokens):
     documented = training["final_vanilla_accuracy"]
     # The shipped training budget reached about a quarter exact on both tasks (the 80% target was not
     # met, see training.json); the documented figure must still be what vanilla decoding reproduces.
-    assert all(documented[task]["accuracy"] >= 0.2 for task in N_PROBLEMS), documented
+    assert all(documented[task]["accuracy"] >= 0.4 for task in N_PROBLEMS), documented
     for task, n in N_PROBLEMS.items():
         hits = exact_match(tok, heldout_problems(task, n), vanilla_tokens[task])
         assert sum(hits) / n >= documented[task]["accuracy"] - MARGIN, (task, hits, documented[task])
