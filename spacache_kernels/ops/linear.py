@@ -78,11 +78,15 @@ def _check_rows(x, idx, check_indices: bool) -> tuple[int, int, int, int]:
     return n_batch, length, d, idx.shape[1]
 
 
-def _check_rope(rope, positions, idx, *, n: int, n_batch: int, length: int, k: int, check_indices: bool):
+def _check_rope(
+    rope, positions, idx, rope_cols, *, n: int, n_batch: int, length: int, k: int, check_indices: bool
+):
     """Validate the RoPE arguments; returns ``(cos, sin)`` or None."""
     if rope is None:
         if positions is not None:
             raise ValueError("positions: given without rope; positions only place the RoPE rotation")
+        if rope_cols is not None:
+            raise ValueError("rope_cols: given without rope; it limits the RoPE rotation to some columns")
         return None
     if not isinstance(rope, (tuple, list)) or len(rope) != 2:
         raise TypeError(f"rope: expected a (cos, sin) pair of (P, Dh) tensors, got {type(rope).__name__}")
@@ -90,6 +94,14 @@ def _check_rope(rope, positions, idx, *, n: int, n_batch: int, length: int, k: i
     n_pos, head_dim = check_rope_tables(cos, sin, cos_name="rope[0]", sin_name="rope[1]")
     if n % head_dim:
         raise ValueError(f"rope: expected the head dim Dh = {head_dim} to divide the output width n = {n}")
+    if rope_cols is not None:
+        if isinstance(rope_cols, bool) or not isinstance(rope_cols, int):
+            raise TypeError(f"rope_cols: expected an int or None, got {type(rope_cols).__name__}")
+        if not 0 < rope_cols <= n or rope_cols % head_dim:
+            raise ValueError(
+                f"rope_cols: expected a multiple of the head dim Dh = {head_dim} in (0, n = {n}] "
+                f"(whole heads are rotated), got {rope_cols}"
+            )
     if positions is not None:
         check_index(
             "positions",
@@ -123,6 +135,7 @@ def gather_linear(
     *,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
+    rope_cols: int | None = None,
     backend: str | None = None,
     impl: str = "auto",
     check_indices: bool = True,
@@ -133,6 +146,9 @@ def gather_linear(
     None (all L rows, k = L); weight (n, d) and bias (n,) in x's dtype; rope = (cos, sin), each (P, Dh)
     float with Dh even and dividing n: output head ``h`` (columns ``h*Dh:(h+1)*Dh``) is rotated at
     ``positions`` (B, k) int in [0, P), default ``idx`` (or ``arange(L)`` when idx is None).
+    ``rope_cols`` (with rope): rotate only the columns ``[0, rope_cols)``, a multiple of Dh in
+    ``(0, n]``; the later columns are the plain GEMM output (K and V in one launch over a fused
+    ``[W_k; W_v]`` weight: ``rope_cols = Hkv * Dh``). None: every column.
     ``impl`` picks the triton-backend implementation (module docstring); the torch backend runs
     :func:`spacache_kernels.ops.reference.gather_linear`. ``check_indices=False`` skips the value
     checks on idx/positions (host syncs). Returns (B, k, n) in x's dtype (k = 0 gives an empty tensor).
@@ -145,19 +161,25 @@ def gather_linear(
         check_float("bias", bias, ndim=1, shape=(n,))
     check_same_dtype(x=x, weight=weight, bias=bias)
     tables = _check_rope(
-        rope, positions, idx, n=n, n_batch=n_batch, length=length, k=k, check_indices=check_indices
+        rope, positions, idx, rope_cols, n=n, n_batch=n_batch, length=length, k=k, check_indices=check_indices
     )
+    if rope_cols == n:
+        rope_cols = None  # every column: the plain RoPE path
     cos, sin = tables if tables is not None else (None, None)
     check_same_device(
         x=x, idx=idx, weight=weight, bias=bias, positions=positions, **{"rope[0]": cos, "rope[1]": sin}
     )
 
     if resolve_backend(backend, x, weight) == "torch":
-        return reference.gather_linear(x, idx, weight, bias, rope=tables, positions=positions)
+        return reference.gather_linear(
+            x, idx, weight, bias, rope=tables, positions=positions, rope_cols=rope_cols
+        )
     if _resolve_impl(impl, n_batch * k) == "fused":
         from spacache_kernels.kernels.gather_linear import gather_linear_fused
 
-        return gather_linear_fused(x, idx, weight, bias, rope=tables, positions=positions)
+        return gather_linear_fused(
+            x, idx, weight, bias, rope=tables, positions=positions, rope_cols=rope_cols
+        )
 
     out = torch.nn.functional.linear(index_select_rows(x, idx), weight, bias)
     if tables is None or out.numel() == 0:
@@ -166,8 +188,9 @@ def gather_linear(
 
     if positions is None:
         positions = reference.default_positions(idx, n_batch, length, x.device)
-    heads = out.view(n_batch, k, n // cos.shape[-1], cos.shape[-1])
-    apply_rope_fused(heads, positions, cos, sin, out=heads)  # in place: one pass over y
+    cols = n if rope_cols is None else rope_cols
+    heads = out[..., :cols].view(n_batch, k, cols // cos.shape[-1], cos.shape[-1])  # strided when cols < n
+    apply_rope_fused(heads, positions, cos, sin, out=heads)  # in place: one pass over the rotated columns
     return out
 
 
