@@ -21,8 +21,9 @@ validate; :mod:`spacache_kernels.ops.linear` does):
   :func:`spacache_kernels.ops.reference.default_positions`. ``rope_cols`` limits the rotation to the
   first ``rope_cols / Dh`` heads (K and V in one launch over the fused ``[W_k; W_v]``): the tiling
   stays per head, so a tile may hold rotated and plain heads side by side, and each lane picks its
-  head's epilogue (``head < rope_heads``: rotate, else the accumulator as it is). A rotation pair
-  never crosses a head, so it never crosses the K/V boundary either.
+  head's epilogue (``head < rope_heads``: rotate, else the accumulator as it is; compiled only for
+  such launches, constexpr ``PARTIAL``). A rotation pair never crosses a head, so it never crosses
+  the K/V boundary either.
 * :func:`gather_swiglu_fused`: the same two-accumulator loop with the gate and up weights over the same
   columns, sharing each gathered ``X`` tile; the epilogue writes ``silu(gate) * up``.
 
@@ -290,6 +291,7 @@ def _gather_linear_rope_kernel(
     HAS_IDX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
+    PARTIAL: tl.constexpr,  # rope_heads < n_heads
     UPCAST: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -344,18 +346,24 @@ def _gather_linear_rope_kernel(
     else:
         pos = src
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    # Per lane: is its head rotated? (all lanes when rope_heads == n_heads; the plain heads of a fused
-    # K/V launch skip the table reads and keep the accumulator exactly, NaN / inf included.)
-    rotate = head < rope_heads
-    rot_ok = tile_ok & rotate[None, :]
+    rot_ok = tile_ok
+    if PARTIAL:
+        # Per lane: is its head rotated? The plain heads of a fused K/V launch skip the table reads
+        # and keep the accumulator exactly, NaN / inf included. A constexpr branch, so that the
+        # all-heads launches (Q, K alone) compile without it (it costs ~20 registers per thread).
+        rotate = head < rope_heads
+        rot_ok = tile_ok & rotate[None, :]
     cos_rows = cos_ptr + pos[:, None] * stride_cp
     sin_rows = sin_ptr + pos[:, None] * stride_sp
     cos_lo = tl.load(cos_rows + pair[None, :] * stride_cd, mask=rot_ok, other=0.0).to(tl.float32)
     cos_hi = tl.load(cos_rows + (pair + half)[None, :] * stride_cd, mask=rot_ok, other=0.0).to(tl.float32)
     sin_lo = tl.load(sin_rows + pair[None, :] * stride_sd, mask=rot_ok, other=0.0).to(tl.float32)
     sin_hi = tl.load(sin_rows + (pair + half)[None, :] * stride_sd, mask=rot_ok, other=0.0).to(tl.float32)
-    out_lo = tl.where(rotate[None, :], lo * cos_lo - hi * sin_lo, lo)
-    out_hi = tl.where(rotate[None, :], hi * cos_hi + lo * sin_hi, hi)
+    out_lo = lo * cos_lo - hi * sin_lo
+    out_hi = hi * cos_hi + lo * sin_hi
+    if PARTIAL:
+        out_lo = tl.where(rotate[None, :], out_lo, lo)
+        out_hi = tl.where(rotate[None, :], out_hi, hi)
 
     out_rows = out_ptr + batch[:, None] * stride_ob + slot[:, None] * stride_ok
     out_ty = out_ptr.dtype.element_ty
@@ -552,6 +560,7 @@ def gather_linear_fused(
             *pos_strides,
             *out.stride(),
             HAS_POS=has_pos,
+            PARTIAL=rope_heads < n_heads,
             BLOCK_HALF=block_half,
             BASE_HEADS=base_heads,
             **common,
