@@ -95,7 +95,11 @@ class DecodeState:
 
 @dataclass(eq=False)
 class LayerContext:
-    """What a policy sees of one layer of one step (handed to ``CachePolicy.select``).
+    """What a policy sees of one layer of one step: the one argument of every per-layer hook
+    (``CachePolicy.select``, ``attention_rows``, ``observe_attention``, ``expand_after``).
+
+    The runtime builds one context per layer, before ``select``; the later hooks of the same layer
+    get the same object (so ``values``, ``k_cache`` and ``v_cache`` then hold what the layer wrote).
 
     layer: the layer index. plan: the step's plan. backend: the op backend the runtime resolved for
     this generation ("triton" | "torch").
@@ -107,6 +111,9 @@ class LayerContext:
         computes V densely (``dense_v`` / not ``sparse_kv``), else None.
     k_cache / v_cache: (B, T, Hkv, Dh) this layer's K/V caches (post-RoPE), as of the previous step
         for the positions this step has not written yet.
+    expanded: True when an earlier layer's ``expand_after`` switched this step to full recomputation:
+        the live rows (and the query rows ``attention_rows`` indexes) are then all ``T`` positions,
+        whatever the plan said, and ``select`` is not called.
     """
 
     layer: int
@@ -118,6 +125,7 @@ class LayerContext:
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     backend: str
+    expanded: bool = False
 
 
 def debug_checks_enabled() -> bool:

@@ -275,6 +275,136 @@ def _validate(model, input_ids, attention_mask, gen_length, steps, block_length,
         raise ValueError(f"input_ids: the prompt contains the mask token id {model.mask_id}")
 
 
+class DecodeBatch:
+    """The batch bookkeeping of one generate() call: the rows still decoding and where each stands.
+
+    tokens: (B', T) the live rows' current tokens (mask id where still masked); output: (B, T) every
+    row's final sequence (a row is copied there when it leaves, the rest at :meth:`finish`);
+    row_ids: (B',) the original row of each live row; block_of_row: (B',) int64 the block each row
+    decodes; row_seeds: (B',) its sampling seed; committed: (B', T) bool, what the latest step
+    committed (None before step 0); row_counts: (B', steps per block) the fixed-count schedule per row
+    under early termination (else None). block_index / step_in_block: host-side counters of the
+    current block and the steps taken in it (meaningful when blocks advance in lockstep).
+
+    Every method keeps generate()'s host-sync budget: the fixed-count rule reads nothing back per step
+    (early termination: one read), threshold / factor one read (whether a row finished).
+    """
+
+    def __init__(self, tokens: torch.Tensor, row_seeds: torch.Tensor, *, prompt_len: int, block_length: int,
+                 num_blocks: int, steps_per_block: int, mask_id: int):  # fmt: skip
+        batch, device = tokens.shape[0], tokens.device
+        self.tokens = tokens
+        self.output = tokens.clone()
+        self.row_ids = torch.arange(batch, device=device)
+        self.row_seeds = row_seeds
+        self.block_of_row = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.committed: torch.Tensor | None = None
+        self.row_counts: torch.Tensor | None = None
+        self.block_index, self.step_in_block = 0, 0
+        self.prompt_len, self.block_length, self.num_blocks = prompt_len, block_length, num_blocks
+        self.steps_per_block, self.mask_id = steps_per_block, mask_id
+        self._offsets = torch.arange(block_length, device=device)
+
+    # -- before a step --------------------------------------------------------------------------
+    def enter_fixed_step(self, step: int) -> None:
+        """Fixed count: step ``step`` decodes block ``step // steps_per_block`` in every row."""
+        self.block_index, self.step_in_block = divmod(step, self.steps_per_block)
+        self.block_of_row.fill_(self.block_index)
+
+    def enter_fixed_step_early_stop(self) -> bool:
+        """Fixed count with early termination: move to the next block when this one's steps are used
+        up or no row has a mask left in it (one host read), and fix each row's schedule for a new
+        block. False: every block is done."""
+        if self.step_in_block >= self.steps_per_block:
+            self.block_index, self.step_in_block = self.block_index + 1, 0
+        target = int(first_masked_block(self.tokens, self.prompt_len, self.mask_id, self.block_length).min())
+        if target > self.block_index:
+            self.block_index, self.step_in_block = target, 0
+        if self.block_index >= self.num_blocks:
+            return False
+        if self.step_in_block == 0:
+            lo = self.prompt_len + self.block_index * self.block_length
+            block_masked = (self.tokens[:, lo : lo + self.block_length] == self.mask_id).sum(1)
+            self.row_counts = row_transfer_schedule(block_masked, self.steps_per_block)
+        self.block_of_row.fill_(self.block_index)
+        return True
+
+    def block_start(self) -> torch.Tensor:
+        """(B',) int64 absolute position of each row's current block."""
+        return self.prompt_len + self.block_of_row * self.block_length
+
+    def block_positions(self, block_start: torch.Tensor) -> torch.Tensor:
+        """(B', block_length) the absolute positions of each row's current block."""
+        return block_start[:, None] + self._offsets
+
+    def state(self, step: int, block_start: torch.Tensor, lockstep: bool, **kw) -> DecodeState:
+        """The :class:`DecodeState` the policy sees (``committed`` as of the latest commit)."""
+        return DecodeState(
+            step=step, tokens=self.tokens, block_start=block_start, block_length=self.block_length,
+            block_index=self.block_index if lockstep else None,
+            step_in_block=self.step_in_block if lockstep else None, mask_id=self.mask_id,
+            committed=self.committed, **kw,
+        )  # fmt: skip
+
+    # -- after a step ---------------------------------------------------------------------------
+    def commit(self, positions: torch.Tensor, new: torch.Tensor, commit: torch.Tensor) -> None:
+        """Write ``new`` (B', b) at ``positions`` and record ``commit`` (B', b) bool as the step's commits."""
+        self.tokens.scatter_(1, positions, new)
+        self.committed = torch.zeros_like(self.tokens, dtype=torch.bool).scatter_(1, positions, commit)
+
+    def advance_after_early_stop(self, lockstep: bool, fixed: bool) -> None:
+        """Early termination: a row's next block is its first with a mask left (padding may have
+        emptied several); in lockstep threshold / factor mode the batch moves together (one read)."""
+        nxt = first_masked_block(self.tokens, self.prompt_len, self.mask_id, self.block_length)
+        if lockstep and not fixed:
+            moved = int(nxt.min())  # the one host read per step in lockstep mode
+            if moved > self.block_index:
+                self.block_index, self.step_in_block = moved, 0
+            self.block_of_row = torch.where(
+                nxt >= self.num_blocks, nxt, torch.full_like(nxt, self.block_index)
+            )
+        else:
+            self.block_of_row = nxt
+
+    def advance_decoded_blocks(self, positions: torch.Tensor, lockstep: bool) -> None:
+        """Threshold / factor: a row whose block ``positions`` has no mask left moves to its next block
+        (in lockstep: all rows, once every row's block is decoded; one host read)."""
+        block_done = ~((torch.gather(self.tokens, 1, positions) == self.mask_id).any(1))
+        if lockstep:
+            all_done = bool(block_done.all())  # the one host read per step in lockstep mode
+            block_done = block_done.new_full(block_done.shape, all_done)
+            if all_done:
+                self.block_index, self.step_in_block = self.block_index + 1, 0
+        self.block_of_row += block_done.long()
+
+    def drop_finished(self, runtime: DenoiseRuntime, policy: CachePolicy) -> bool:
+        """Rows past their last block leave (copied to ``output``; the runtime and the policy forget
+        them): one host read. False: no row is left."""
+        finished = self.block_of_row >= self.num_blocks
+        if not bool(finished.any()):  # the one host read per step in this mode
+            return True
+        self.output[self.row_ids[finished]] = self.tokens[finished]
+        keep = ~finished
+        if not bool(keep.any()):
+            return False
+        self.tokens, self.row_ids, self.block_of_row = (
+            self.tokens[keep],
+            self.row_ids[keep],
+            self.block_of_row[keep],
+        )
+        self.row_seeds = self.row_seeds[keep]
+        self.committed = self.committed[keep] if self.committed is not None else None
+        self.row_counts = self.row_counts[keep] if self.row_counts is not None else None
+        runtime.drop_rows(keep)
+        policy.drop_rows(keep)
+        return True
+
+    def finish(self) -> torch.Tensor:
+        """(B, T) every row's sequence: the rows still in the batch join the ones that left."""
+        self.output[self.row_ids] = self.tokens
+        return self.output
+
+
 def _release_policy(fn):
     """Release a caller-owned policy instance when generate() returns or raises (its caches, the
     runtime and the model would otherwise stay alive as long as the instance does)."""
@@ -415,9 +545,9 @@ def generate(
         ),
     )  # fmt: skip
     runtime = DenoiseRuntime(model, full_mask, prompt_len, policy, backend)
-    output = tokens.clone()
-    row_ids = torch.arange(batch, device=device)  # original row of each live row
-    offsets = torch.arange(block_length, device=device)
+    steps_per_block = steps // num_blocks
+    rows = DecodeBatch(tokens, row_seeds, prompt_len=prompt_len, block_length=block_length,
+                       num_blocks=num_blocks, steps_per_block=steps_per_block, mask_id=mask_id)  # fmt: skip
     # Blocks advance per row in threshold/factor mode unless the policy keys on shared block starts.
     lockstep = fixed or policy.lockstep_blocks
     stats = GenerationStats(policy=getattr(policy, "name", type(policy).__name__))
@@ -434,16 +564,11 @@ def generate(
         torch.cuda.synchronize(device)
     start_time = time.perf_counter()
     step = 0
-    block_of_row = torch.zeros(batch, dtype=torch.int64, device=device)
-    rule = unmasking_rule(threshold, factor, block_length=block_length, steps_per_block=steps // num_blocks,
+    rule = unmasking_rule(threshold, factor, block_length=block_length, steps_per_block=steps_per_block,
                           schedule=schedule)  # fmt: skip
-    steps_per_block = steps // num_blocks
-    block_index, step_in_block = 0, 0  # host-side, meaningful in lockstep mode
-    committed = None
     first_nan_step = torch.full((), -1, dtype=torch.int64, device=device)
-    row_counts = None  # (B, steps per block): fixed-count schedule per row under early termination
     if graph_mode is not None:  # every step on static buffers, compiled or captured (graphs.py)
-        bufs = StepBuffers.create(tokens, row_seeds, block_length)
+        bufs = StepBuffers.create(rows.tokens, rows.row_seeds, block_length)  # rows.tokens stays the output
         settings = StepSettings(
             prompt_len, block_length, mask_id, float(temperature), confidence, certainty_prior
         )
@@ -455,101 +580,66 @@ def generate(
         first_nan_step = bufs.first_nan_step
         stats.graph_replays = runner.replays if runner is not None else 0
     while graph_mode is None:
+        # 1. Which block each row decodes (fixed count: by the step; else as the last step left it).
         if fixed and early:
-            if step_in_block >= steps_per_block:  # the block's steps are used up
-                block_index, step_in_block = block_index + 1, 0
-            # Skip every block no row has a mask left in (one host read per step).
-            target = int(first_masked_block(tokens, prompt_len, mask_id, block_length).min())
-            if target > block_index:
-                block_index, step_in_block = target, 0
-            if block_index >= num_blocks:
+            if not rows.enter_fixed_step_early_stop():
                 break
-            if step_in_block == 0:
-                lo = prompt_len + block_index * block_length
-                block_masked = (tokens[:, lo : lo + block_length] == mask_id).sum(1)
-                row_counts = row_transfer_schedule(block_masked, steps_per_block)
-            block_of_row.fill_(block_index)
         elif fixed:
             if step >= steps:
                 break
-            block_index, step_in_block = divmod(step, steps_per_block)
-            block_of_row.fill_(block_index)
-        block_start = prompt_len + block_of_row * block_length
-        known = rule.masked_left(gen_length, block_index, step_in_block) if fixed and not early else None
-        state = DecodeState(
-            step=step, tokens=tokens, block_start=block_start, block_length=block_length,
-            block_index=block_index if lockstep else None, step_in_block=step_in_block if lockstep else None,
-            mask_id=mask_id, committed=committed, masked_count=known,
-        )  # fmt: skip
+            rows.enter_fixed_step(step)
+        block_start = rows.block_start()
+        # What every row still has masked, when the fixed-count schedule tells the host (no sync).
+        known = None
+        if fixed and not early:
+            known = rule.masked_left(gen_length, rows.block_index, rows.step_in_block)
+        state = rows.state(step, block_start, lockstep, masked_count=known)
+
+        # 2. The policy plans the step; the runtime runs it.
         policy.begin_step(state)
         plan = policy.plan(step)
         if on_step is not None:
             on_step(step, plan)
         stats.plan_kinds[plan.kind] = stats.plan_kinds.get(plan.kind, 0) + 1
-        runtime.step(tokens, plan)
-        positions = block_start[:, None] + offsets  # (B, b)
-        step_seeds = _step_seeds(row_seeds, step, block_of_row, block_length) if temperature > 0 else 0
+        runtime.step(rows.tokens, plan)
+
+        # 3. Token and confidence at each row's block, then the unmasking rule commits some of them.
+        positions = rows.block_positions(block_start)  # (B, b)
+        step_seeds = (
+            _step_seeds(rows.row_seeds, step, rows.block_of_row, block_length) if temperature > 0 else 0
+        )
         token, conf = runtime.decide(
             positions, temperature=float(temperature), seed=step_seeds, measure=confidence
         )
         first_nan_step = _note_nan(conf, step, first_nan_step)
-        current = torch.gather(tokens, 1, positions)
+        current = torch.gather(rows.tokens, 1, positions)
         masked = current == mask_id
         if certainty_prior is not None:
-            density = canvas_density(tokens[:, prompt_len:] != mask_id, certainty_prior)
+            density = canvas_density(rows.tokens[:, prompt_len:] != mask_id, certainty_prior)
             conf = conf * torch.gather(density, 1, positions - prompt_len)
         forced = policy.forced_commit(state)
-        commit = rule.commit(conf, masked, step_in_block=step_in_block, row_counts=row_counts, forced=forced)
-        tokens.scatter_(1, positions, torch.where(commit, token, current))
-        committed = torch.zeros_like(tokens, dtype=torch.bool).scatter_(1, positions, commit)
+        commit = rule.commit(conf, masked, step_in_block=rows.step_in_block, row_counts=rows.row_counts,
+                             forced=forced)  # fmt: skip
+        rows.commit(positions, torch.where(commit, token, current), commit)
         if early and (step + 1) % early == 0:
             # Padded positions changed token, so the policy sees them as committed.
-            committed |= early_stop_pad(tokens, prompt_len, stop_ids, stop_pad)
-        policy.end_step(
-            DecodeState(
-                step=step, tokens=tokens, block_start=block_start, block_length=block_length,
-                block_index=state.block_index, step_in_block=state.step_in_block, mask_id=mask_id,
-                committed=committed,
-            )
-        )  # fmt: skip
+            rows.committed |= early_stop_pad(rows.tokens, prompt_len, stop_ids, stop_pad)
+        policy.end_step(rows.state(step, block_start, lockstep))
         step += 1
-        step_in_block += 1
+        rows.step_in_block += 1
         if bar is not None:
             bar.update(1)
+
+        # 4. Rows move to their next block; finished rows leave the batch.
         if fixed and not early:
             continue
         if early:
-            # A row's next block is its first with a mask left (padding may have emptied several).
-            nxt = first_masked_block(tokens, prompt_len, mask_id, block_length)
-            if lockstep and not fixed:
-                moved = int(nxt.min())  # the one host read per step in lockstep mode
-                if moved > block_index:
-                    block_index, step_in_block = moved, 0
-                block_of_row = torch.where(nxt >= num_blocks, nxt, torch.full_like(nxt, block_index))
-            else:
-                block_of_row = nxt
+            rows.advance_after_early_stop(lockstep, fixed)
         else:
-            # Threshold/factor: rows advance to their next block, finished rows leave the batch.
-            block_done = ~((torch.gather(tokens, 1, positions) == mask_id).any(1))
-            if lockstep:
-                all_done = bool(block_done.all())  # the one host read per step in lockstep mode
-                block_done = block_done.new_full(block_done.shape, all_done)
-                if all_done:
-                    block_index, step_in_block = block_index + 1, 0
-            block_of_row += block_done.long()
-        finished = block_of_row >= num_blocks
-        if bool(finished.any()):  # the one host read per step in this mode
-            output[row_ids[finished]] = tokens[finished]
-            keep = ~finished
-            if not bool(keep.any()):
-                break
-            tokens, row_ids, block_of_row = tokens[keep], row_ids[keep], block_of_row[keep]
-            row_seeds = row_seeds[keep]
-            committed = committed[keep] if committed is not None else None
-            row_counts = row_counts[keep] if row_counts is not None else None
-            runtime.drop_rows(keep)
-            policy.drop_rows(keep)
-    output[row_ids] = tokens  # the rows still in the batch (finished ones were written as they left)
+            rows.advance_decoded_blocks(positions, lockstep)
+        if not rows.drop_finished(runtime, policy):
+            break
+    output = rows.finish()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats.seconds = time.perf_counter() - start_time

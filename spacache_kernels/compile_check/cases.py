@@ -114,6 +114,14 @@ def model_cases(shape: str, batch: int, dtype: torch.dtype) -> list[Case]:
         "k_proj_rope": lambda: gather_linear.gather_linear_fused(
             x_all, None, w_k, b_k, rope=rope_tables, positions=positions
         ),
+        # K and V in one launch over the whole w_kv, RoPE on K's columns only (the runtime's dense and
+        # sparse K/V paths).
+        "kv_proj_rope": lambda: gather_linear.gather_linear_fused(
+            x_all, None, w_kv, b_kv, rope=rope_tables, positions=positions, rope_cols=kv_width
+        ),
+        "kv_proj_rope_sparse": lambda: gather_linear.gather_linear_fused(
+            x_gen, sel, w_kv, b_kv, rope=rope_tables, positions=positions[:, :k], rope_cols=kv_width
+        ),
         "q_proj_rope": lambda: gather_linear.gather_linear_fused(
             x_gen, sel, w_q, b_q, rope=rope_tables, positions=positions[:, :k]
         ),

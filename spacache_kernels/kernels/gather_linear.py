@@ -18,7 +18,12 @@ validate; :mod:`spacache_kernels.ops.linear` does):
   A tile covers whole heads: ``HEADS`` heads of ``BLOCK_HALF = next_pow2(Dh/2)`` lanes each (lanes past
   ``Dh/2`` are masked, so any even ``Dh`` works, e.g. 24). Positions come from a ``(B, k)`` tensor or,
   when absent, are the gathered row index (``idx[b, j]``, or ``j`` when ``idx`` is None), which is
-  :func:`spacache_kernels.ops.reference.default_positions`.
+  :func:`spacache_kernels.ops.reference.default_positions`. ``rope_cols`` limits the rotation to the
+  first ``rope_cols / Dh`` heads (K and V in one launch over the fused ``[W_k; W_v]``): the tiling
+  stays per head, so a tile may hold rotated and plain heads side by side, and each lane picks its
+  head's epilogue (``head < rope_heads``: rotate, else the accumulator as it is; compiled only for
+  such launches, constexpr ``PARTIAL``). A rotation pair never crosses a head, so it never crosses
+  the K/V boundary either.
 * :func:`gather_swiglu_fused`: the same two-accumulator loop with the gate and up weights over the same
   columns, sharing each gathered ``X`` tile; the epilogue writes ``silu(gate) * up``.
 
@@ -264,6 +269,7 @@ def _gather_linear_rope_kernel(
     d,
     m_bucket,  # only an autotune key
     n_heads,
+    rope_heads,  # heads [0, rope_heads) are rotated, the rest are written as computed
     half,
     stride_xb,
     stride_xl,
@@ -285,6 +291,7 @@ def _gather_linear_rope_kernel(
     HAS_IDX: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_POS: tl.constexpr,
+    PARTIAL: tl.constexpr,  # rope_heads < n_heads
     UPCAST: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
@@ -339,14 +346,24 @@ def _gather_linear_rope_kernel(
     else:
         pos = src
     tile_ok = row_ok[:, None] & col_ok[None, :]
+    rot_ok = tile_ok
+    if PARTIAL:
+        # Per lane: is its head rotated? The plain heads of a fused K/V launch skip the table reads
+        # and keep the accumulator exactly, NaN / inf included. A constexpr branch, so that the
+        # all-heads launches (Q, K alone) compile without it (it costs ~20 registers per thread).
+        rotate = head < rope_heads
+        rot_ok = tile_ok & rotate[None, :]
     cos_rows = cos_ptr + pos[:, None] * stride_cp
     sin_rows = sin_ptr + pos[:, None] * stride_sp
-    cos_lo = tl.load(cos_rows + pair[None, :] * stride_cd, mask=tile_ok, other=0.0).to(tl.float32)
-    cos_hi = tl.load(cos_rows + (pair + half)[None, :] * stride_cd, mask=tile_ok, other=0.0).to(tl.float32)
-    sin_lo = tl.load(sin_rows + pair[None, :] * stride_sd, mask=tile_ok, other=0.0).to(tl.float32)
-    sin_hi = tl.load(sin_rows + (pair + half)[None, :] * stride_sd, mask=tile_ok, other=0.0).to(tl.float32)
+    cos_lo = tl.load(cos_rows + pair[None, :] * stride_cd, mask=rot_ok, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_rows + (pair + half)[None, :] * stride_cd, mask=rot_ok, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_rows + pair[None, :] * stride_sd, mask=rot_ok, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_rows + (pair + half)[None, :] * stride_sd, mask=rot_ok, other=0.0).to(tl.float32)
     out_lo = lo * cos_lo - hi * sin_lo
     out_hi = hi * cos_hi + lo * sin_hi
+    if PARTIAL:
+        out_lo = tl.where(rotate[None, :], out_lo, lo)
+        out_hi = tl.where(rotate[None, :], out_hi, hi)
 
     out_rows = out_ptr + batch[:, None] * stride_ob + slot[:, None] * stride_ok
     out_ty = out_ptr.dtype.element_ty
@@ -452,6 +469,7 @@ def gather_linear_fused(
     *,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
+    rope_cols: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[b, j] = x[b, idx[b, j]] @ weight.T (+ bias)``, then RoPE per head when ``rope`` is given.
@@ -459,8 +477,9 @@ def gather_linear_fused(
     x (B, L, d) float, any strides; idx (B, k) int32/int64 in [0, L) (repeats allowed) or None (k = L,
     row j); weight (n, d), any strides; bias (n,) or None; rope = (cos, sin), each (P, Dh) float with
     Dh even and n % Dh == 0; positions (B, k) int in [0, P) or None (the gathered row index, as
-    :func:`~spacache_kernels.ops.reference.default_positions`); out (B, k, n) or None (allocated, x's
-    dtype), any strides, must not overlap the inputs. All on one device. Returns ``out``.
+    :func:`~spacache_kernels.ops.reference.default_positions`); rope_cols: with rope, rotate only the
+    columns ``[0, rope_cols)`` (a multiple of Dh in (0, n]), None = all; out (B, k, n) or None
+    (allocated, x's dtype), any strides, must not overlap the inputs. All on one device. Returns ``out``.
     """
     n_batch, length, d = x.shape
     rows = length if idx is None else idx.shape[1]
@@ -505,6 +524,7 @@ def gather_linear_fused(
         head_dim = cos.shape[-1]
         half = head_dim // 2
         n_heads = n // head_dim
+        rope_heads = n_heads if rope_cols is None else rope_cols // head_dim
         block_half = next_pow2(half)
         base_heads = max(1, ROPE_MIN_LANES // block_half)
         has_pos = positions is not None
@@ -529,6 +549,7 @@ def gather_linear_fused(
             d,
             next_pow2(m_total),
             n_heads,
+            rope_heads,
             half,
             *x.stride(),
             *idx_strides,
@@ -539,6 +560,7 @@ def gather_linear_fused(
             *pos_strides,
             *out.stride(),
             HAS_POS=has_pos,
+            PARTIAL=rope_heads < n_heads,
             BLOCK_HALF=block_half,
             BASE_HEADS=base_heads,
             **common,

@@ -4,11 +4,12 @@ Per layer, for the live rows ``x`` (B, R, d) (a contiguous region of positions, 
 and the generated rows ``sel`` the policy picks (``None`` = all):
 
     h   = rms_norm(x)                                    ops.rms_norm
-    V   = gather_linear(h, None, Wv)                     first, when the plan needs V of every live row
+    K|V = gather_linear(h, None, Wkv, RoPE on K's columns)  first, one launch, when K/V are dense
+    V   = gather_linear(h, None, Wv)                     first, when only V is dense (dLLM-Cache)
     sel = policy.select(ctx)                             (SPA: fused proxy projection + drift top-k;
                                                           dLLM-Cache: cosine of V against the V cache)
-    K,V = gather_linear(h, rows, Wk / Wv) -> RoPE(K)     rows = all live rows, or sel (sparse K/V)
-          written into the preallocated K/V cache at their absolute positions
+    K|V = gather_linear(h, sel, Wkv, RoPE on K's columns)   sparse K/V: one launch over the rows
+          (K alone with dense V), written into the preallocated K/V cache at their absolute positions
     q   = gather_linear(h, sel, Wq) -> RoPE at positions[sel]
     a   = sparse_attention(q, Kcache, Vcache, key padding [, probability rows for the policy])
     o   = a @ Wo ;  y = x[sel] + o ;  f = swiglu_ffn(rms_norm(y))
@@ -84,6 +85,7 @@ class DenoiseRuntime:
         self.backend = self.ops.backend
         self.norm_eps = float(cfg.norm_eps)
         self.rope = (model.rope_cos, model.rope_sin)
+        self.kv_width = cfg.n_kv_heads * cfg.head_dim  # K is w_kv's first kv_width rows, V the rest
         self.prompt_len = prompt_len
         batch, total = attention_mask.shape
         self.total_len = total
@@ -179,45 +181,53 @@ class DenoiseRuntime:
 
     def step(self, tokens: torch.Tensor, plan: StepPlan) -> None:
         """Run one denoising step over ``tokens`` (B, T); updates caches and ``self.hidden``."""
-        lo, hi, rows = self._live(plan)
         self.last_plan = plan
+        x, live = self._embed_live(tokens, plan)
+        expanded = False
+        n_layers = len(self.model.layers)
+        for li in range(n_layers):
+            x, ctx = self._layer(li, x, plan, live, expanded)
+            if self.layer_out is None:
+                continue
+            self._write_rows(self.layer_out[li], x, live.lo, live.rows, None)
+            if not expanded and self.policy.expand_after(ctx) and li + 1 < n_layers:
+                # Deeper layers recompute every position from this layer's (partly cached) output.
+                expanded = True
+                x = self.layer_out[li].clone()
+                live = _Live(0, self.total_len, None, self.positions, self.total_len, self.prompt_len, False)
+        self._finish(x, live)
+        self.expanded = expanded
+
+    def _embed_live(self, tokens: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, _Live]:
+        """The embedded live rows (B, R, d) of ``tokens`` (B, T) and where they sit."""
+        lo, hi, rows = self._live(plan)
         if rows is None:
-            x = self.model.embed_tokens(tokens[:, lo:hi])  # (B, R, d)
+            x = self.model.embed_tokens(tokens[:, lo:hi])
             pos_live = self.positions[:, lo:hi]
         else:
             x = self.model.embed_tokens(torch.gather(tokens, 1, rows))
             pos_live = torch.gather(self.positions, 1, rows)
-        live = _Live(lo, hi, rows, pos_live, x.shape[1], self.prompt_len - lo, False)
-        live.selectable = rows is None and lo <= self.prompt_len and hi == self.total_len
-        expanded = False
-        n_layers = len(self.model.layers)
-        for li in range(n_layers):
-            x = self._layer(li, x, plan, live, expanded)
-            if self.layer_out is not None:
-                self._write_rows(self.layer_out[li], x, live.lo, live.rows, None)
-                if not expanded and self.policy.expand_after(li, plan) and li + 1 < n_layers:
-                    # Deeper layers recompute every position from this layer's (partly cached) output.
-                    expanded = True
-                    x = self.layer_out[li].clone()
-                    live = _Live(
-                        0, self.total_len, None, self.positions, self.total_len, self.prompt_len, False
-                    )
+        selectable = rows is None and lo <= self.prompt_len and hi == self.total_len
+        return x, _Live(lo, hi, rows, pos_live, x.shape[1], self.prompt_len - lo, selectable)
+
+    def _finish(self, x: torch.Tensor, live: _Live) -> None:
+        """Keep the last layer's output of the live rows and mark them fresh (decide() reads both)."""
         self._write_rows(self.hidden, x, live.lo, live.rows, None)
         self.fresh.zero_()
         if live.rows is None:
             self.fresh[:, live.lo : live.hi] = True
         else:
             self.fresh.scatter_(1, live.rows, True)
-        self.expanded = expanded
 
-    def _select(self, li: int, x, h, v_new, plan: StepPlan, live: _Live) -> torch.Tensor | None:
-        """The policy's generated rows for layer ``li`` (checked), or None (all live rows)."""
-        gen = slice(live.gen_offset, live.count) if live.selectable else None
-        ctx = LayerContext(li, plan, x, h, gen, v_new, self.k_cache[li], self.v_cache[li], self.backend)
+    def _select(self, ctx: LayerContext, live: _Live) -> torch.Tensor | None:
+        """The policy's generated rows for layer ``ctx.layer`` (checked), or None (all live rows)."""
         sel = self.policy.select(ctx)
         if sel is None:
             return None
-        check_selection(self.policy, sel, layer=li, batch=x.shape[0], gen_len=self.gen_len, values=self.debug)
+        batch = ctx.raw.shape[0]
+        check_selection(
+            self.policy, sel, layer=ctx.layer, batch=batch, gen_len=self.gen_len, values=self.debug
+        )
         if self.branch is None:
             raise ValueError(
                 f"policy {self.policy!r}: select() returned rows but needs_branch_cache is False"
@@ -229,47 +239,81 @@ class DenoiseRuntime:
             )
         return sel
 
-    def _layer(self, li: int, x: torch.Tensor, plan: StepPlan, live: _Live, expanded: bool) -> torch.Tensor:
-        """One layer over the live rows ``x`` (B, R, d): select, K/V update, attention, FFN, residual."""
-        ops, layer, cfg, policy = self.ops, self.model.layers[li], self.model.config, self.policy
-        batch = x.shape[0]
+    def _query_rows(self, sel: torch.Tensor | None, live: _Live) -> torch.Tensor | None:
+        """The recomputed rows (indices into the live rows): None = all, else the selected generated
+        rows, preceded by every prompt row when the live rows start before the generated region."""
+        if sel is None or not live.gen_offset:
+            return sel
+        prompt_rows = torch.arange(live.gen_offset, device=sel.device).expand(sel.shape[0], -1)
+        return torch.cat([prompt_rows, sel + live.gen_offset], dim=1)
+
+    def _kv(self, layer, h: torch.Tensor, rows, positions) -> tuple[torch.Tensor, torch.Tensor]:
+        """K (RoPE applied) and V (B, n, Hkv * Dh) of the live rows ``rows`` of ``h`` (None = all) in one
+        launch over the fused ``w_kv``: RoPE covers the first ``kv_width`` output columns (K) only.
+        Both results are column views of one (B, n, 2 * kv_width) tensor."""
+        kv = self.ops.linear(h, rows, layer.w_kv, layer.b_kv, rope=self.rope, positions=positions,
+                             rope_cols=self.kv_width)  # fmt: skip
+        return kv[..., : self.kv_width], kv[..., self.kv_width :]
+
+    def _half(self, layer, second: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The K (``second=False``) or V weight and bias: a row slice of the fused ``w_kv`` / ``b_kv``."""
+        part = slice(self.kv_width, None) if second else slice(None, self.kv_width)
+        return layer.w_kv[part], None if layer.b_kv is None else layer.b_kv[part]
+
+    def _layer(
+        self, li: int, x: torch.Tensor, plan: StepPlan, live: _Live, expanded: bool
+    ) -> tuple[torch.Tensor, LayerContext]:
+        """One layer over the live rows ``x`` (B, R, d): K/V, select, cache writes, attention, FFN,
+        residual. Returns the layer output (B, R', d) and the layer's context (for expand_after)."""
+        ops, layer = self.ops, self.model.layers[li]
         h = ops.rms_norm(x, layer.attn_norm, self.norm_eps)
-        kv_width = cfg.n_kv_heads * cfg.head_dim
-        w_k, w_v = layer.w_kv[:kv_width], layer.w_kv[kv_width:]
-        b_k = b_v = None
-        if layer.b_kv is not None:
-            b_k, b_v = layer.b_kv[:kv_width], layer.b_kv[kv_width:]
-        # V of every live row first when the plan needs it densely, so select() can read it.
-        v_dense = not plan.sparse_kv or plan.dense_v or expanded
-        v_new = ops.linear(h, None, w_v, b_v) if v_dense else None
-        sel = None if expanded else self._select(li, x, h, v_new, plan, live)
-        if sel is not None and live.gen_offset:
-            # Region "all": every prompt row is recomputed, plus the selected generated rows.
-            prompt_rows = torch.arange(live.gen_offset, device=sel.device).expand(batch, -1)
-            q_rows = torch.cat([prompt_rows, sel + live.gen_offset], dim=1)
-        else:
-            q_rows = sel
+        # K and V of every live row (no sparse K/V, or the step expanded): one launch, before select()
+        # so that it can read V. dLLM-Cache's V-verify (dense_v) needs V of every row but K of the
+        # selected ones only: V alone first, K after select(). Otherwise both follow select().
+        kv_dense = expanded or not plan.sparse_kv
+        v_dense = kv_dense or plan.dense_v
+        k_new = v_new = None
+        if kv_dense:
+            k_new, v_new = self._kv(layer, h, None, live.positions)
+        elif plan.dense_v:
+            v_new = ops.linear(h, None, *self._half(layer, second=True))
+        gen = slice(live.gen_offset, live.count) if live.selectable else None
+        ctx = LayerContext(li, plan, x, h, gen, v_new, self.k_cache[li], self.v_cache[li], self.backend,
+                           expanded)  # fmt: skip
+        sel = None if expanded else self._select(ctx, live)
+        q_rows = self._query_rows(sel, live)
         pos_q = live.positions if q_rows is None else torch.gather(live.positions, 1, q_rows)
         n_q = live.count if q_rows is None else q_rows.shape[1]
 
-        # K (with RoPE) and V of the recomputed rows, written into the caches at their positions.
-        kv_rows = q_rows if (plan.sparse_kv and not expanded) else None
-        kv_pos = pos_q if kv_rows is not None else live.positions
-        k_new = ops.linear(h, kv_rows, w_k, b_k, rope=self.rope, positions=kv_pos)
+        # K/V of the recomputed rows when they are sparse, then every new row into the caches.
+        kv_rows = None if kv_dense else q_rows
         if v_new is None:
-            v_new = ops.linear(h, kv_rows, w_v, b_v)
-        k_layer, v_layer = self.k_cache[li], self.v_cache[li]  # (B, T, Hkv, Dh), contiguous
-        self._write_rows(k_layer, k_new, live.lo, live.rows, kv_rows)
-        self._write_rows(v_layer, v_new, live.lo, live.rows, None if v_dense else kv_rows)
+            k_new, v_new = self._kv(layer, h, kv_rows, pos_q)
+        elif k_new is None:
+            w_k, b_k = self._half(layer, second=False)
+            k_new = ops.linear(h, kv_rows, w_k, b_k, rope=self.rope, positions=pos_q)
+        self._write_rows(ctx.k_cache, k_new, live.lo, live.rows, kv_rows)
+        self._write_rows(ctx.v_cache, v_new, live.lo, live.rows, None if v_dense else kv_rows)
 
-        # Attention of the recomputed queries over every key, then the output projection.
-        hq, dh = cfg.n_heads, cfg.head_dim
+        delta = self._attention_ffn(ctx, layer, x, h, q_rows, pos_q)
+        self.layer_rows[li] += n_q * x.shape[0]
+        k_count = n_q if kv_rows is not None else live.count
+        self.flops += self._layer_flops(x.shape[0], n_q, k_count, live.count if v_dense else k_count)
+        return self._residual(li, x, delta, sel, live), ctx
+
+    def _attention_ffn(self, ctx: LayerContext, layer, x, h, q_rows, pos_q) -> torch.Tensor:
+        """``attn_out + ffn_out`` (B, n_q, d) of the recomputed rows ``q_rows`` (None = all live rows):
+        their queries against every cached key (probability rows to the policy), the output
+        projection, the residual, and the SwiGLU FFN."""
+        ops, cfg, policy = self.ops, self.model.config, self.policy
+        batch, hq, dh = x.shape[0], cfg.n_heads, cfg.head_dim
         q = ops.linear(h, q_rows, layer.w_q, layer.b_q, rope=self.rope, positions=pos_q)
-        self.expanded = expanded  # tells attention_rows() which row space the queries are in
-        prob_rows = policy.attention_rows(li, plan)
-        attn, probs = ops.attention(q.view(batch, n_q, hq, dh), k_layer, v_layer, self.key_padding, prob_rows)
+        n_q = q.shape[1]
+        prob_rows = policy.attention_rows(ctx)
+        attn, probs = ops.attention(q.view(batch, n_q, hq, dh), ctx.k_cache, ctx.v_cache, self.key_padding,
+                                    prob_rows)  # fmt: skip
         if probs is not None:
-            policy.observe_attention(li, probs)
+            policy.observe_attention(ctx, probs)
         o = ops.linear(attn.reshape(batch, n_q, hq * dh), None, layer.w_o, layer.b_o)
         if q_rows is None:
             y = x + o
@@ -277,12 +321,7 @@ class DenoiseRuntime:
             y = torch.gather(x, 1, q_rows.unsqueeze(-1).expand(-1, -1, x.shape[-1])) + o
         g = ops.rms_norm(y, layer.ffn_norm, self.norm_eps)
         ffn = ops.linear(ops.swiglu(g, None, layer.w_gate, layer.w_up), None, layer.w_down, None)
-        delta = o + ffn
-
-        self.layer_rows[li] += n_q * batch
-        k_count = n_q if kv_rows is not None else live.count
-        self.flops += self._layer_flops(batch, n_q, k_count, live.count if v_dense else k_count)
-        return self._residual(li, x, delta, sel, live)
+        return o + ffn
 
     def _residual(self, li: int, x, delta, sel, live: _Live) -> torch.Tensor:
         """The layer output: ``x + delta`` for recomputed rows, ``x + cached branch`` for the others

@@ -25,9 +25,9 @@ from spacache_kernels.ops._dispatch import resolve_backend
 class Launchers:
     """One backend's hot-path functions (signatures as the reference functions of ``ops.reference``).
 
-    rms_norm(x, weight, eps); linear(x, idx, weight, bias, rope=, positions=); swiglu(x, idx, w_gate,
-    w_up); attention(q, k_cache, v_cache, key_padding, prob_rows); scatter_rows_(cache, idx, src);
-    scatter_residual(x, cache, idx, src).
+    rms_norm(x, weight, eps); linear(x, idx, weight, bias, rope=, positions=, rope_cols=);
+    swiglu(x, idx, w_gate, w_up); attention(q, k_cache, v_cache, key_padding, prob_rows);
+    scatter_rows_(cache, idx, src); scatter_residual(x, cache, idx, src).
     """
 
     backend: str
@@ -58,10 +58,11 @@ def _triton_launchers() -> Launchers:
         linear, swiglu = gather_linear.gather_linear_fused, gather_linear.gather_swiglu_fused
     else:  # the per-call row-count choice of impl="auto" stays with the public op
 
-        def linear(x, idx, w, b, rope=None, positions=None):
+        def linear(x, idx, w, b, rope=None, positions=None, rope_cols=None):
             return _linear.gather_linear(
-                x, idx, w, b, rope=rope, positions=positions, backend="triton", check_indices=False
-            )
+                x, idx, w, b, rope=rope, positions=positions, rope_cols=rope_cols, backend="triton",
+                check_indices=False,
+            )  # fmt: skip
 
         def swiglu(x, idx, w_gate, w_up):
             return _linear.gather_swiglu(x, idx, w_gate, w_up, backend="triton", check_indices=False)

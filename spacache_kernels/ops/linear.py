@@ -85,11 +85,15 @@ def _check_rows(x, idx, check_indices: bool) -> tuple[int, int, int, int]:
     return n_batch, length, d, idx.shape[1]
 
 
-def _check_rope(rope, positions, idx, *, n: int, n_batch: int, length: int, k: int, check_indices: bool):
+def _check_rope(
+    rope, positions, idx, rope_cols, *, n: int, n_batch: int, length: int, k: int, check_indices: bool
+):
     """Validate the RoPE arguments; returns ``(cos, sin)`` or None."""
     if rope is None:
         if positions is not None:
             raise ValueError("positions: given without rope; positions only place the RoPE rotation")
+        if rope_cols is not None:
+            raise ValueError("rope_cols: given without rope; it limits the RoPE rotation to some columns")
         return None
     if not isinstance(rope, (tuple, list)) or len(rope) != 2:
         raise TypeError(f"rope: expected a (cos, sin) pair of (P, Dh) tensors, got {type(rope).__name__}")
@@ -97,6 +101,14 @@ def _check_rope(rope, positions, idx, *, n: int, n_batch: int, length: int, k: i
     n_pos, head_dim = check_rope_tables(cos, sin, cos_name="rope[0]", sin_name="rope[1]")
     if n % head_dim:
         raise ValueError(f"rope: expected the head dim Dh = {head_dim} to divide the output width n = {n}")
+    if rope_cols is not None:
+        if isinstance(rope_cols, bool) or not isinstance(rope_cols, int):
+            raise TypeError(f"rope_cols: expected an int or None, got {type(rope_cols).__name__}")
+        if not 0 < rope_cols <= n or rope_cols % head_dim:
+            raise ValueError(
+                f"rope_cols: expected a multiple of the head dim Dh = {head_dim} in (0, n = {n}] "
+                f"(whole heads are rotated), got {rope_cols}"
+            )
     if positions is not None:
         check_index(
             "positions",
@@ -129,14 +141,20 @@ def _check_op_impl(impl: str) -> str:
     return impl
 
 
-def _gather_linear_impl(x, idx, weight, bias, cos, sin, positions, backend: str, impl: str) -> torch.Tensor:
+def _gather_linear_impl(
+    x, idx, weight, bias, cos, sin, positions, rope_cols, backend: str, impl: str
+) -> torch.Tensor:
     tables = None if cos is None else (cos, sin)
     if check_op_backend(backend) == "torch":
-        return reference.gather_linear(x, idx, weight, bias, rope=tables, positions=positions).contiguous()
+        return reference.gather_linear(
+            x, idx, weight, bias, rope=tables, positions=positions, rope_cols=rope_cols
+        ).contiguous()
     if _check_op_impl(impl) == "fused":
         from spacache_kernels.kernels.gather_linear import gather_linear_fused
 
-        return gather_linear_fused(x, idx, weight, bias, rope=tables, positions=positions)
+        return gather_linear_fused(
+            x, idx, weight, bias, rope=tables, positions=positions, rope_cols=rope_cols
+        )
 
     out = torch.nn.functional.linear(index_select_rows(x, idx), weight, bias)
     if tables is None or out.numel() == 0:
@@ -147,12 +165,13 @@ def _gather_linear_impl(x, idx, weight, bias, cos, sin, positions, backend: str,
     if positions is None:
         positions = reference.default_positions(idx, n_batch, length, x.device)
     head_dim = cos.shape[-1]
-    heads = out.view(n_batch, out.shape[1], out.shape[2] // head_dim, head_dim)
-    apply_rope_fused(heads, positions, cos, sin, out=heads)  # in place: one pass over y
+    cols = out.shape[2] if rope_cols is None else rope_cols
+    heads = out[..., :cols].view(n_batch, out.shape[1], cols // head_dim, head_dim)  # strided if cols < n
+    apply_rope_fused(heads, positions, cos, sin, out=heads)  # in place: one pass over the rotated columns
     return out
 
 
-def _gather_linear_fake(x, idx, weight, bias, cos, sin, positions, backend, impl) -> torch.Tensor:
+def _gather_linear_fake(x, idx, weight, bias, cos, sin, positions, rope_cols, backend, impl) -> torch.Tensor:
     rows = x.shape[1] if idx is None else idx.shape[1]
     return x.new_empty((x.shape[0], rows, weight.shape[0]))
 
@@ -176,7 +195,7 @@ def _gather_swiglu_fake(x, idx, w_gate, w_up, backend, impl) -> torch.Tensor:
 
 GATHER_LINEAR = define(
     "gather_linear(Tensor x, Tensor? idx, Tensor weight, Tensor? bias, Tensor? cos, Tensor? sin, "
-    "Tensor? positions, str backend, str impl) -> Tensor",
+    "Tensor? positions, SymInt? rope_cols, str backend, str impl) -> Tensor",
     _gather_linear_impl,
     _gather_linear_fake,
 )
@@ -196,6 +215,7 @@ def gather_linear(
     *,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
+    rope_cols: int | None = None,
     backend: str | None = None,
     impl: str = "auto",
     check_indices: bool = True,
@@ -206,6 +226,9 @@ def gather_linear(
     None (all L rows, k = L); weight (n, d) and bias (n,) in x's dtype; rope = (cos, sin), each (P, Dh)
     float with Dh even and dividing n: output head ``h`` (columns ``h*Dh:(h+1)*Dh``) is rotated at
     ``positions`` (B, k) int in [0, P), default ``idx`` (or ``arange(L)`` when idx is None).
+    ``rope_cols`` (with rope): rotate only the columns ``[0, rope_cols)``, a multiple of Dh in
+    ``(0, n]``; the later columns are the plain GEMM output (K and V in one launch over a fused
+    ``[W_k; W_v]`` weight: ``rope_cols = Hkv * Dh``). None: every column.
     ``impl`` picks the triton-backend implementation (module docstring); the torch backend runs
     :func:`spacache_kernels.ops.reference.gather_linear`. ``check_indices=False`` skips the value
     checks on idx/positions (host syncs), as do ``torch.compile`` tracing and CUDA graph capture.
@@ -220,15 +243,18 @@ def gather_linear(
         check_float("bias", bias, ndim=1, shape=(n,))
     check_same_dtype(x=x, weight=weight, bias=bias)
     tables = _check_rope(
-        rope, positions, idx, n=n, n_batch=n_batch, length=length, k=k, check_indices=check_indices
+        rope, positions, idx, rope_cols, n=n, n_batch=n_batch, length=length, k=k, check_indices=check_indices
     )
+    if rope_cols == n:
+        rope_cols = None  # every column: the plain RoPE path
     cos, sin = tables if tables is not None else (None, None)
     check_same_device(
         x=x, idx=idx, weight=weight, bias=bias, positions=positions, **{"rope[0]": cos, "rope[1]": sin}
     )
 
     backend = resolve_backend(backend, x, weight)
-    return GATHER_LINEAR(x, idx, weight, bias, cos, sin, positions, backend, _resolve_impl(impl, n_batch * k))
+    impl = _resolve_impl(impl, n_batch * k)
+    return GATHER_LINEAR(x, idx, weight, bias, cos, sin, positions, rope_cols, backend, impl)
 
 
 @torch.no_grad()

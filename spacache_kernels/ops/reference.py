@@ -90,12 +90,16 @@ def gather_linear(
     bias: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     positions: torch.Tensor | None = None,
+    rope_cols: int | None = None,
 ) -> torch.Tensor:
     """``y[b, j] = x[b, idx[b, j]] @ weight.T (+ bias)``, then optional RoPE.
 
     x (B, L, d), idx (B, k) or None (all L rows), weight (n, d), bias (n,).
     rope = (cos, sin) tables (P, Dh) with n a multiple of Dh: the output is rotated per head of width
     Dh at ``positions`` (B, k) (default: ``idx``, or ``arange(L)`` when ``idx`` is None).
+    rope_cols: rotate only the output columns ``[0, rope_cols)`` (a multiple of Dh; the heads after
+    it are left as the GEMM wrote them), e.g. K and V from one fused ``[W_k; W_v]`` weight with
+    ``rope_cols = Hkv * Dh``; None = all n columns.
     Returns (B, k, n) in x's dtype.
     """
     rows = gather_rows(x, idx).float()
@@ -108,7 +112,10 @@ def gather_linear(
         if positions is None:
             positions = default_positions(idx, x.shape[0], x.shape[1], x.device)
         b, k, n = y.shape
-        y = apply_rope(y.view(b, k, n // head_dim, head_dim), positions, cos, sin).view(b, k, n)
+        cols = n if rope_cols is None else rope_cols
+        rotated = apply_rope(y[..., :cols].reshape(b, k, cols // head_dim, head_dim), positions, cos, sin)
+        rotated = rotated.view(b, k, cols)
+        y = rotated if cols == n else torch.cat([rotated, y[..., cols:]], dim=-1)
     return y.to(x.dtype)
 
 

@@ -140,15 +140,19 @@ class CachePolicy:
         """
         return None
 
-    def attention_rows(self, layer: int, plan: StepPlan) -> torch.Tensor | None:
-        """(B, m) indices into this layer's query rows whose attention probabilities the policy wants."""
+    def attention_rows(self, ctx: LayerContext) -> torch.Tensor | None:
+        """(B, m) indices into layer ``ctx.layer``'s query rows whose attention probabilities the
+        policy wants, or None. The query rows are the live rows (all ``T`` positions when
+        ``ctx.expanded``), narrowed to the prompt rows plus the selected ones when ``select`` picked."""
         return None
 
-    def observe_attention(self, layer: int, probs: torch.Tensor) -> None:
-        """The probabilities (B, m, Hq, T) fp32 of the rows asked for by :meth:`attention_rows`."""
+    def observe_attention(self, ctx: LayerContext, probs: torch.Tensor) -> None:
+        """The probabilities (B, m, Hq, T) fp32 of the rows asked for by :meth:`attention_rows` for
+        layer ``ctx.layer``."""
 
-    def expand_after(self, layer: int, plan: StepPlan) -> bool:
-        """True: every layer deeper than ``layer`` recomputes all positions in this step."""
+    def expand_after(self, ctx: LayerContext) -> bool:
+        """Called after layer ``ctx.layer`` ran (policies with ``needs_layer_outputs`` only). True:
+        every deeper layer recomputes all positions in this step."""
         return False
 
     def forced_commit(self, state: DecodeState) -> torch.Tensor | None:

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from spacache_kernels.policies._rows import distinct_rows, rows_from_mask
-from spacache_kernels.policies.base import CachePolicy, DecodeState, StepPlan, check_positive_int
+from spacache_kernels.policies.base import (
+    CachePolicy,
+    DecodeState,
+    LayerContext,
+    StepPlan,
+    check_positive_int,
+)
 
 RULES = ("reference", "corrected")
 
@@ -190,10 +196,10 @@ class D2Cache(CachePolicy):
         gen = state.tokens[:, self.shape.prompt_len :]
         self._block_masked = torch.gather(gen, 1, cols.clamp_max(gen.shape[1] - 1)) == state.mask_id
 
-    def attention_rows(self, layer, plan):
+    def attention_rows(self, ctx: LayerContext) -> torch.Tensor:
         return self._query_rows  # every query row of the step
 
-    def observe_attention(self, layer, probs):
+    def observe_attention(self, ctx: LayerContext, probs: torch.Tensor) -> None:
         mean = probs.mean(dim=2)  # (B, n, T): head-averaged rows
         if self._ran_weight is not None:
             mean = mean * self._ran_weight

@@ -18,6 +18,7 @@ from spacache_kernels.policies._rows import distinct_rows, rows_from_mask
 from spacache_kernels.policies.base import (
     CachePolicy,
     DecodeState,
+    LayerContext,
     StepPlan,
     check_fraction,
     check_positive_int,
@@ -96,21 +97,23 @@ class ElasticCache(CachePolicy):
         self._rows = rows_from_mask(live)
         return StepPlan(region="all", kind="window", rows=self._rows)
 
-    def _query_index(self, positions: torch.Tensor) -> torch.Tensor:
+    def _query_index(self, positions: torch.Tensor, expanded: bool) -> torch.Tensor:
         """Indices of absolute ``positions`` (B, m) among this layer's query rows."""
-        if self._rows is None or self.runtime.expanded:
+        if self._rows is None or expanded:
             return positions
         return torch.searchsorted(self._rows, positions)
 
-    def attention_rows(self, layer, plan):
-        return self._query_index(torch.cat([self._window_pos, self.tracked[layer]], dim=1))
+    def attention_rows(self, ctx: LayerContext) -> torch.Tensor:
+        rows = torch.cat([self._window_pos, self.tracked[ctx.layer]], dim=1)
+        return self._query_index(rows, ctx.expanded)
 
-    def observe_attention(self, layer, probs):
+    def observe_attention(self, ctx: LayerContext, probs: torch.Tensor) -> None:
+        layer = ctx.layer
         mean = probs.mean(dim=2)  # (B, m, T) head-averaged rows
         n_win = self._window_pos.shape[1]
         window_rows, tracked_rows = mean[:, :n_win], mean[:, n_win:]
         # Drift test of the tracked tokens against their cached rows (reuse steps only).
-        if not self._full and not self.runtime.expanded:
+        if not self._full and not ctx.expanded:
             cos = cosine_rows(tracked_rows, self.cached_rows[layer])
             drift = (cos < self.gamma) & self.has_cached[layer]
             self._drift = bool(drift.any())
@@ -125,7 +128,7 @@ class ElasticCache(CachePolicy):
         self.has_cached[layer] &= ~changed
         self.tracked[layer] = new_tracked
 
-    def expand_after(self, layer, plan) -> bool:
+    def expand_after(self, ctx: LayerContext) -> bool:
         if self._drift:
             self.triggers += 1
             return True

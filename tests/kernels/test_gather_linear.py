@@ -158,6 +158,82 @@ def test_rope_kernel_matches_reference(case, dtype, device):
     torch.testing.assert_close(out, want, **tolerances(dtype))
 
 
+# Partial RoPE (rope_cols): (B, L, d, heads, Dh, rotated heads, k, idx kind, positions given, bias). The
+# interpreter's RoPE tile holds 4 heads of Dh 24 (16 lanes per half) or 8 of Dh 16, so a tile covers
+# rotated and plain heads side by side (3 of 6, 5 of 12) or the boundary falls between tiles (4 of 8).
+PARTIAL_ROPE_CASES = [
+    (3, 37, 72, 6, 24, 3, 11, "int64", True, True),
+    (2, 29, 100, 12, 16, 5, None, "none", True, False),
+    (1, 37, 64, 8, 24, 4, 37, "distinct", False, True),
+    (2, 20, 72, 6, 16, 1, 9, "int32", False, False),
+    (2, 20, 72, 6, 24, 3, 0, "int64", True, True),
+]
+PARTIAL_ROPE_IDS = ["mixed-tile-Dh24", "mixed-tile-Dh16", "tile-boundary", "one-head", "k=0"]
+
+
+def test_reference_partial_rope_is_rope_then_plain():
+    """rope_cols splits the output: rotated heads as a RoPE GEMM over the first weight rows, the rest
+    as the plain GEMM over the others (what K and V from one fused [W_k; W_v] need)."""
+    n_batch, length, d, head_dim = 2, 23, 40, 16
+    x = randn(n_batch, length, d, seed=90)
+    idx = make_idx("int64", n_batch, length, 7, seed=91, device="cpu")
+    weight, bias = weights(5 * head_dim, d, torch.float32, "cpu", seed=92, bias=True)
+    rope = (randn(32, head_dim, seed=93), randn(32, head_dim, seed=94))
+    positions = torch.randint(0, 32, (n_batch, 7), generator=torch.Generator().manual_seed(95))
+    cols = 2 * head_dim
+    got = reference.gather_linear(x, idx, weight, bias, rope=rope, positions=positions, rope_cols=cols)
+    rotated = reference.gather_linear(x, idx, weight[:cols], bias[:cols], rope=rope, positions=positions)
+    plain = reference.gather_linear(x, idx, weight[cols:], bias[cols:])
+    assert torch.equal(got, torch.cat([rotated, plain], dim=-1))
+    full = reference.gather_linear(x, idx, weight, bias, rope=rope, positions=positions)
+    assert torch.equal(
+        reference.gather_linear(x, idx, weight, bias, rope=rope, positions=positions, rope_cols=5 * head_dim),
+        full,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", PARTIAL_ROPE_CASES, ids=PARTIAL_ROPE_IDS)
+def test_partial_rope_kernel_matches_reference(case, dtype, device):
+    n_batch, length, d, heads, head_dim, rot_heads, k, idx_kind, given_pos, has_bias = case
+    n_pos, n = 64, heads * head_dim
+    x = randn(n_batch, length, d, dtype=dtype, device=device, seed=96)
+    idx = make_idx(idx_kind, n_batch, length, k, seed=97, device=device)
+    weight, bias = weights(n, d, dtype, device, seed=98, bias=has_bias)
+    rope = (randn(n_pos, head_dim, device=device, seed=99), randn(n_pos, head_dim, device=device, seed=100))
+    rows = length if idx is None else k
+    positions = None
+    if given_pos:
+        positions = torch.randint(0, n_pos, (n_batch, rows), generator=torch.Generator().manual_seed(101))
+        positions = positions.to(device)
+    cols = rot_heads * head_dim
+    out = poisoned((n_batch, rows, n), dtype, device)
+    gather_linear_fused(x, idx, weight, bias, rope=rope, positions=positions, rope_cols=cols, out=out)
+    want = reference.gather_linear(x, idx, weight, bias, rope=rope, positions=positions, rope_cols=cols)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, want, **tolerances(dtype))
+    # The plain heads are exactly the plain kernel's output (same tiles, no epilogue arithmetic).
+    plain = gather_linear_fused(x, idx, weight[cols:], None if bias is None else bias[cols:])
+    torch.testing.assert_close(out[..., cols:], plain, atol=0, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the discarded rotation
+def test_partial_rope_kernel_keeps_plain_heads_nonfinite(device):
+    """A plain head is stored as accumulated: inf stays inf (a cos=1 / sin=0 rotation would make NaN
+    of ``inf * 0`` in the partner lane), and the rotated heads see no table entry of a plain head."""
+    n_batch, length, d, head_dim = 1, 5, 32, 16
+    x = randn(n_batch, length, d, device=device, seed=102)
+    weight, _ = weights(4 * head_dim, d, torch.float32, device, seed=103, bias=False)
+    bias = torch.zeros(4 * head_dim, device=device)
+    bias[3 * head_dim] = float("inf")  # column 0 of the last (plain) head; its rotation partner is finite
+    rope = (randn(8, head_dim, device=device, seed=104), randn(8, head_dim, device=device, seed=105))
+    out = gather_linear_fused(x, None, weight, bias, rope=rope, rope_cols=2 * head_dim)
+    assert torch.isinf(out[..., 3 * head_dim]).all()
+    assert (
+        torch.isfinite(out[..., 3 * head_dim + 1 :]).all() and torch.isfinite(out[..., : 3 * head_dim]).all()
+    )
+
+
 SWIGLU_CASES = [
     (1, 1, 72, 48, 1, "int64"),
     (3, 37, 100, 96, 11, "int32"),
@@ -236,6 +312,24 @@ def test_op_linear_and_rope(backend, impl, dtype, device):
     linear = loop_linear(x, idx, weight, bias).view(n_batch, k, n // head_dim, head_dim)
     want = complex_rope(linear, idx.cpu(), theta).view(n_batch, k, n)
     torch.testing.assert_close(out.double().cpu(), want, **tol)
+
+
+@pytest.mark.parametrize("backend,impl", OP_PATHS)
+def test_op_partial_rope(backend, impl, device):
+    """rope_cols through the op on every path: K heads rotated, V heads plain, as a fused K/V GEMM."""
+    n_batch, length, d, head_dim, k, theta = 2, 29, 72, 24, 10, 500000.0
+    x = randn(n_batch, length, d, device=device, seed=106)
+    idx = make_idx("int64", n_batch, length, k, seed=107, device=device)
+    weight, bias = weights(6 * head_dim, d, torch.float32, device, seed=108, bias=True)
+    rope = rope_tables(64, head_dim, theta, device)
+    cols = 2 * head_dim
+    out = gather_linear(x, idx, weight, bias, rope=rope, rope_cols=cols, backend=backend, impl=impl)
+    linear = loop_linear(x, idx, weight, bias)
+    heads = linear[..., :cols].reshape(n_batch, k, 2, head_dim)
+    want = torch.cat(
+        [complex_rope(heads, idx.cpu(), theta).reshape(n_batch, k, cols), linear[..., cols:]], -1
+    )
+    torch.testing.assert_close(out.double().cpu(), want, **tolerances(torch.float32))
 
 
 @pytest.mark.parametrize("backend,impl", OP_PATHS)

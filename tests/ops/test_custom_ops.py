@@ -90,11 +90,14 @@ def _cases(backend: str, device) -> list[tuple[str, str, tuple]]:
     pos = _rand_idx(g, b, 5, 11, distinct=False, device=device)
     impls = ("fused", "torch_gather") if backend == "triton" else ("fused",)
     for impl in impls:
+        w12, w18 = r(12, d), r(18, d)
         cases += [
-            (f"linear_bias_{impl}", "gather_linear", (x, idx, r(12, d), r(12), None, None, None, impl)),
-            (f"linear_all_rows_{impl}", "gather_linear", (x, None, r(12, d), None, None, None, None, impl)),
-            (f"linear_rope_pos_{impl}", "gather_linear", (x, idx, r(12, d), r(12), cos, sin, pos, impl)),
-            (f"linear_rope_idx_{impl}", "gather_linear", (x, idx, r(18, d), None, cos, sin, None, impl)),
+            # gather_linear(x, idx, weight, bias, cos, sin, positions, rope_cols, [backend,] impl)
+            (f"linear_bias_{impl}", "gather_linear", (x, idx, w12, r(12), None, None, None, None, impl)),
+            (f"linear_all_rows_{impl}", "gather_linear", (x, None, w12, None, None, None, None, None, impl)),
+            (f"linear_rope_pos_{impl}", "gather_linear", (x, idx, w12, r(12), cos, sin, pos, None, impl)),
+            (f"linear_rope_idx_{impl}", "gather_linear", (x, idx, w18, None, cos, sin, None, None, impl)),
+            (f"linear_rope_cols_{impl}", "gather_linear", (x, idx, w18, r(18), cos, sin, pos, 6, impl)),
             (f"swiglu_{impl}", "gather_swiglu", (x, idx, r(10, d), r(10, d), impl)),
             (f"swiglu_all_rows_{impl}", "gather_swiglu", (x, None, r(10, d), r(10, d), impl)),
         ]

@@ -67,6 +67,12 @@ LINEAR_RULES = [
     ({}, {"rope": tables(), "positions": torch.full((B, K), P, dtype=torch.long)}, ValueError, "positions"),
     ({}, {"rope": tables(n_pos=9)}, ValueError, "idx"),  # positions default to idx, which reaches 9
     ({"idx": None}, {"rope": tables(n_pos=L - 1)}, ValueError, "rope"),  # default arange(L) > P
+    ({}, {"rope_cols": DH}, ValueError, "rope_cols"),  # without rope
+    ({}, {"rope": tables(), "rope_cols": "8"}, TypeError, "rope_cols"),
+    ({}, {"rope": tables(), "rope_cols": True}, TypeError, "rope_cols"),
+    ({}, {"rope": tables(), "rope_cols": 0}, ValueError, "rope_cols"),
+    ({}, {"rope": tables(), "rope_cols": DH + 2}, ValueError, "rope_cols"),  # not whole heads
+    ({}, {"rope": tables(), "rope_cols": N + DH}, ValueError, "rope_cols"),  # past the output
     ({"weight": meta(N, D)}, {}, ValueError, "weight"),
     ({"bias": meta(N)}, {}, ValueError, "bias"),
     ({}, {"rope": (meta(P, DH), meta(P, DH))}, ValueError, "rope[0]"),

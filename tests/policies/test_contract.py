@@ -241,3 +241,60 @@ def test_base_class_trims_declared_row_state():
     assert policy.per_row.tolist() == [0, 2]
     assert policy.per_layer_row.tolist() == [[0, 2], [3, 5]]
     assert policy.absent is None
+
+
+class _HookRecorder(CachePolicy):
+    """Records every per-layer hook call; asks for one probability row and expands after layer 1 on
+    steps after the first (a full step, then region "gen" steps with sparse K/V of two rows)."""
+
+    needs_branch_cache = True
+    needs_layer_outputs = True
+
+    def __init__(self):
+        self.calls = []
+
+    def plan(self, step: int) -> StepPlan:
+        if step == 0:
+            return StepPlan(region="all", kind="full")
+        return StepPlan(region="gen", kind="partial", sparse_kv=True)
+
+    def select(self, ctx):
+        self.calls.append(("select", ctx))
+        return None if ctx.plan.kind == "full" else torch.tensor([[1, 4]] * ctx.raw.shape[0])
+
+    def attention_rows(self, ctx):
+        self.calls.append(("attention_rows", ctx))
+        return torch.zeros(ctx.raw.shape[0], 1, dtype=torch.long)
+
+    def observe_attention(self, ctx, probs):
+        self.calls.append(("observe_attention", ctx))
+        assert probs.shape[:2] == (ctx.raw.shape[0], 1)
+
+    def expand_after(self, ctx):
+        self.calls.append(("expand_after", ctx))
+        return ctx.plan.kind == "partial" and ctx.layer == 1
+
+
+def test_every_per_layer_hook_gets_the_layer_context(llada):
+    """One calling convention: select, attention_rows, observe_attention and expand_after get the
+    same LayerContext of their layer; after expand_after says yes, the deeper layers' contexts say
+    ``expanded`` (all T positions live, no generated slice) and select is not asked."""
+    policy = _HookRecorder()
+    ids = prompts(2)
+    run(llada, ids, policy, steps=2, gen_length=BLOCK, block_length=BLOCK)
+    hooks = ["select", "attention_rows", "observe_attention", "expand_after"]
+    first, second = policy.calls[: 4 * N_LAYERS], policy.calls[4 * N_LAYERS :]
+    assert [name for name, _ in first] == hooks * N_LAYERS
+    for layer in range(N_LAYERS):
+        contexts = {id(ctx) for _, ctx in first[4 * layer : 4 * layer + 4]}
+        assert len(contexts) == 1 and first[4 * layer][1].layer == layer
+    assert all(not ctx.expanded for _, ctx in first)
+    # Step 1: layers 0 and 1 select; layers 2 and 3 run expanded (neither select nor expand_after).
+    assert [name for name, _ in second] == hooks * 2 + hooks[1:3] * 2
+    total = ids.shape[1] + BLOCK
+    for _, ctx in second:
+        assert ctx.expanded == (ctx.layer >= 2)
+        if ctx.expanded:
+            assert ctx.gen is None and ctx.raw.shape[1] == total
+        else:
+            assert ctx.gen == slice(0, BLOCK) and ctx.raw.shape[1] == BLOCK
