@@ -401,11 +401,18 @@ def _training_line(name: str, training: dict | None) -> str:
     acc = training.get("final_vanilla_accuracy", {})
     diff = training.get("max_abs_logit_diff_vs_forward_dense", float("nan"))
     figures = ", ".join(f"{t} {v['accuracy']:.3f} ({v['correct']}/{v['problems']})" for t, v in acc.items())
+    runs = [r for r in (training.get("first_run"), training.get("second_run")) if r]
+    earlier = (
+        f" (continuing {len(runs)} earlier run(s) recorded in its training.json; "
+        f"{training['total_train_seconds'] / 60:.1f} min of training in all)"
+        if runs and "total_train_seconds" in training
+        else ""
+    )
     return (
         f"`{name}`: `{training.get('command')}` (seed {training.get('seed')}): "
         f"{training.get('parameters', 0) / 1e6:.2f}M parameters, {training.get('steps')} steps in "
-        f"{training.get('train_seconds', 0) / 60:.1f} min on this CPU; vanilla exact match on held-out "
-        f"problems: {figures}; the export reproduces the training module's logits under "
+        f"{training.get('train_seconds', 0) / 60:.1f} min on this CPU{earlier}; vanilla exact match on "
+        f"held-out problems: {figures}; the export reproduces the training module's logits under "
         f"`DiffusionLM.forward_dense` to {diff:.1e}."
     )
 
