@@ -9,7 +9,7 @@ guard runaway loops with it).
 Confidence is ``softmax(logits)[token]`` (``confidence="margin"`` / ``"neg_entropy"``: the other
 measures the references use); temperature > 0 samples the token with Gumbel-max. The noise of a row
 is keyed by (its own seed, step, position in the generated region) only, so a prompt samples the
-same alone and anywhere in any batch (``_step_seeds``). Fixed count may follow Dream's schedule
+same alone and anywhere in any batch (``graphs.step_seeds``). Fixed count may follow Dream's schedule
 instead (``schedule="dream"`` / ``"spa-dream"``), every rule may rank by confidence times d2Cache's
 certainty density (``certainty_prior``), a policy may force commits (Fast-dLLM's Dream block
 start), and ``early_stop_steps`` turns on SPA-Cache's early termination.
@@ -30,14 +30,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from spacache_kernels.graphs import StepBuffers, StepSettings, check_graph_args, decode_fixed
-from spacache_kernels.graphs import step_seeds as _step_seeds
+from spacache_kernels.graphs import StepBuffers, StepSettings, check_graph_args, decide_block, decode_fixed
 from spacache_kernels.models.model import DiffusionLM
 from spacache_kernels.models.runtime import MEASURES, DenoiseRuntime
 from spacache_kernels.ops._dispatch import BACKENDS
 from spacache_kernels.policies import CachePolicy, GenerationShape, make_policy
 from spacache_kernels.policies.base import DecodeState
-from spacache_kernels.policies.d2cache import canvas_density
 from spacache_kernels.unmasking import (
     SCHEDULES,
     dream_transfer_count,
@@ -165,12 +163,6 @@ def _row_seeds(seed, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected an int or a sequence of per-row ints, got {type(seed).__name__}")
     return torch.full((batch,), seed & 0xFFFFFFFF, dtype=torch.int64, device=device)
-
-
-def _note_nan(conf: torch.Tensor, step: int, first_nan_step: torch.Tensor) -> torch.Tensor:
-    """Record (on the device, no host sync) the first step whose confidences hold a NaN."""
-    bad = torch.isnan(conf).any()
-    return torch.where(bad & (first_nan_step < 0), torch.full_like(first_nan_step, step), first_nan_step)
 
 
 def _raise_if_nan(first_nan_step: torch.Tensor) -> None:
@@ -567,11 +559,11 @@ def generate(
     rule = unmasking_rule(threshold, factor, block_length=block_length, steps_per_block=steps_per_block,
                           schedule=schedule)  # fmt: skip
     first_nan_step = torch.full((), -1, dtype=torch.int64, device=device)
+    settings = StepSettings(
+        prompt_len, block_length, mask_id, float(temperature), confidence, certainty_prior
+    )
     if graph_mode is not None:  # every step on static buffers, compiled or captured (graphs.py)
         bufs = StepBuffers.create(rows.tokens, rows.row_seeds, block_length)  # rows.tokens stays the output
-        settings = StepSettings(
-            prompt_len, block_length, mask_id, float(temperature), confidence, certainty_prior
-        )
         step, runner = decode_fixed(
             runtime, policy, rule, bufs, settings, steps=steps, mode=graph_mode, on_step=on_step, bar=bar,
             plan_kinds=stats.plan_kinds, gen_len=gen_length,
@@ -605,18 +597,10 @@ def generate(
 
         # 3. Token and confidence at each row's block, then the unmasking rule commits some of them.
         positions = rows.block_positions(block_start)  # (B, b)
-        step_seeds = (
-            _step_seeds(rows.row_seeds, step, rows.block_of_row, block_length) if temperature > 0 else 0
-        )
-        token, conf = runtime.decide(
-            positions, temperature=float(temperature), seed=step_seeds, measure=confidence
-        )
-        first_nan_step = _note_nan(conf, step, first_nan_step)
-        current = torch.gather(rows.tokens, 1, positions)
-        masked = current == mask_id
-        if certainty_prior is not None:
-            density = canvas_density(rows.tokens[:, prompt_len:] != mask_id, certainty_prior)
-            conf = conf * torch.gather(density, 1, positions - prompt_len)
+        token, conf, current, masked = decide_block(
+            runtime, rows.tokens, positions, settings, row_seeds=rows.row_seeds, step=step,
+            block_of_row=rows.block_of_row, first_nan_step=first_nan_step,
+        )  # fmt: skip
         forced = policy.forced_commit(state)
         commit = rule.commit(conf, masked, step_in_block=rows.step_in_block, row_counts=rows.row_counts,
                              forced=forced)  # fmt: skip

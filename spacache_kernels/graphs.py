@@ -116,6 +116,35 @@ def plan_key(plan: StepPlan, count: int, forced: torch.Tensor | None) -> tuple:
             forced is not None)  # fmt: skip
 
 
+def decide_block(
+    runtime, tokens: torch.Tensor, positions: torch.Tensor, settings: StepSettings, *,
+    row_seeds: torch.Tensor, step, block_of_row: torch.Tensor, first_nan_step: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Token and ranking confidence at ``positions`` (B, b) after ``runtime.step``: the part of a step
+    every decoding path (``generate()``'s loop, :func:`device_step`) shares, without host syncs.
+
+    ``step`` is an int or a 0-d int64 tensor. Records the step in ``first_nan_step`` (0-d int64, in
+    place) when it is the first whose confidences hold a NaN. Returns ``(token, conf, current, masked)``
+    (B, b): the prediction, its confidence (times d2Cache's certainty density when
+    ``settings.certainty_prior`` is set), the tokens now at ``positions`` and which of them are masked.
+    """
+    seeds = 0
+    if settings.temperature > 0:
+        seeds = step_seeds(row_seeds, step, block_of_row, settings.block_length)
+    token, conf = runtime.decide(
+        positions, temperature=float(settings.temperature), seed=seeds, measure=settings.confidence
+    )
+    nan_now = torch.isnan(conf).any() & (first_nan_step < 0)
+    first_nan_step.copy_(torch.where(nan_now, step, first_nan_step))
+    current = torch.gather(tokens, 1, positions)
+    masked = current == settings.mask_id
+    if settings.certainty_prior is not None:
+        decoded = tokens[:, settings.prompt_len :] != settings.mask_id
+        density = canvas_density(decoded, settings.certainty_prior)
+        conf = conf * torch.gather(density, 1, positions - settings.prompt_len)
+    return token, conf, current, masked
+
+
 def device_step(
     runtime, policy, plan: StepPlan, bufs: StepBuffers, settings: StepSettings, count: int,
     forced: torch.Tensor | None, end_state: DecodeState,
@@ -125,20 +154,10 @@ def device_step(
     Reads no device value on the host; writes ``bufs`` in place."""
     runtime.step(bufs.tokens, plan)
     positions = bufs.block_start[:, None] + bufs.offsets  # (B, b)
-    seeds = 0
-    if settings.temperature > 0:
-        seeds = step_seeds(bufs.row_seeds, bufs.step, bufs.block_of_row, settings.block_length)
-    token, conf = runtime.decide(
-        positions, temperature=float(settings.temperature), seed=seeds, measure=settings.confidence
-    )
-    nan_now = torch.isnan(conf).any() & (bufs.first_nan_step < 0)
-    bufs.first_nan_step.copy_(torch.where(nan_now, bufs.step, bufs.first_nan_step))
-    current = torch.gather(bufs.tokens, 1, positions)
-    masked = current == settings.mask_id
-    if settings.certainty_prior is not None:
-        density = canvas_density(bufs.tokens[:, settings.prompt_len :] != settings.mask_id,
-                                 settings.certainty_prior)  # fmt: skip
-        conf = conf * torch.gather(density, 1, positions - settings.prompt_len)
+    token, conf, current, masked = decide_block(
+        runtime, bufs.tokens, positions, settings, row_seeds=bufs.row_seeds, step=bufs.step,
+        block_of_row=bufs.block_of_row, first_nan_step=bufs.first_nan_step,
+    )  # fmt: skip
     commit = FixedCount.commit_count(conf, masked, count, forced)
     bufs.tokens.scatter_(1, positions, torch.where(commit, token, current))
     bufs.committed.zero_().scatter_(1, positions, commit)
@@ -378,6 +397,7 @@ __all__ = [
     "StepBuffers",
     "StepSettings",
     "check_graph_args",
+    "decide_block",
     "decode_fixed",
     "device_step",
     "plan_key",
