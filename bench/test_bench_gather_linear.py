@@ -1,7 +1,9 @@
-"""Microbenchmarks: gather GEMMs (q/k/v projection, the same with the RoPE epilogue, SwiGLU gate+up).
+"""Microbenchmarks: gather GEMMs (q/k/v projection, the same with the RoPE epilogue, K and V in one
+launch over the fused ``[W_k; W_v]`` with RoPE on the K columns only, SwiGLU gate+up).
 
-GPU: LLaDA-8B shapes (d 4096; q/k/v n 4096 with Dh 128; SwiGLU n 12288), batch 1 / 16, L 256 / 1024
-generated tokens, k = ratio * L for ratios 0.05 / 0.25 / 0.5, bf16. Four rows per case:
+GPU: LLaDA-8B shapes (d 4096; q/k/v n 4096 with Dh 128; fused K/V n 8192, RoPE on 4096; SwiGLU n
+12288), batch 1 / 16, L 256 / 1024 generated tokens, k = ratio * L for ratios 0.05 / 0.25 / 0.5,
+bf16. Four rows per case:
 
 * ``triton fused``: the op with ``impl="fused"`` (gather through idx in the GEMM, fused epilogue);
 * ``torch reference``: the op's torch backend (fp32 math: a correctness oracle, not a contender);
@@ -46,7 +48,8 @@ else:
     D, N_QKV, N_FFN = 256, 256, 512
     SHAPES = [pytest.param(2, 128, 0.25, id="B2-L128-r0.25")]
     VARIANTS = ("torch reference", "index_select + matmul", "dense matmul (no gather)")
-OPS = ("gather_linear", "gather_linear+rope", "gather_swiglu")
+OPS = ("gather_linear", "gather_linear+rope", "kv_proj", "gather_swiglu")
+ROPE_OPS = ("gather_linear+rope", "kv_proj")
 # What every other row is compared with: the materialized gather + vendor GEMM.
 BASELINE = next(v for v in VARIANTS if v.startswith("index_select"))
 
@@ -73,7 +76,7 @@ def make_inputs(batch: int, length: int, k: int, n_weights: int, n: int):
 def gemm_bytes(batch: int, k: int, n: int, n_weights: int, op: str) -> int:
     elem = torch.finfo(harness.DTYPE).bits // 8
     total = n_weights * n * D * elem + batch * k * D * elem + batch * k * n * elem + batch * k * 8
-    if op == "gather_linear+rope":
+    if op in ROPE_OPS:
         total += 2 * batch * k * HEAD_DIM * 4
     return total
 
@@ -93,8 +96,10 @@ def unfused(op: str, rows_of, ws, rope, positions):
     def linear_rope():
         y = F.linear(rows_of(), ws[0])
         batch, k, n = y.shape
-        heads = y.view(batch, k, n // HEAD_DIM, HEAD_DIM)
-        return apply_rope(heads, positions, *rope, check_indices=False).view(batch, k, n)
+        cols = n // 2 if op == "kv_proj" else n  # kv_proj: RoPE on the K half only
+        heads = y[..., :cols].view(batch, k, cols // HEAD_DIM, HEAD_DIM)
+        rotated = apply_rope(heads, positions, *rope, check_indices=False).view(batch, k, cols)
+        return rotated if cols == n else torch.cat([rotated, y[..., cols:]], dim=-1)
 
     return linear_rope
 
@@ -114,8 +119,9 @@ def make_fn(op: str, variant: str, x, idx, ws, rope):
         kwargs = dict(backend="torch")
     if op == "gather_swiglu":
         return lambda: gather_swiglu(x, idx, ws[0], ws[1], check_indices=False, **kwargs)
-    rope_arg = rope if op == "gather_linear+rope" else None
-    return lambda: gather_linear(x, idx, ws[0], rope=rope_arg, check_indices=False, **kwargs)
+    rope_arg = rope if op in ROPE_OPS else None
+    cols = ws[0].shape[0] // 2 if op == "kv_proj" else None
+    return lambda: gather_linear(x, idx, ws[0], rope=rope_arg, rope_cols=cols, check_indices=False, **kwargs)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -123,9 +129,9 @@ def make_fn(op: str, variant: str, x, idx, ws, rope):
 @pytest.mark.parametrize(("batch", "length", "ratio"), SHAPES)
 def test_bench_gather_linear(benchmark, batch, length, ratio, op, variant):
     k = max(1, int(ratio * length))
-    n_weights, n = (2, N_FFN) if op == "gather_swiglu" else (1, N_QKV)
+    n_weights, n = {"gather_swiglu": (2, N_FFN), "kv_proj": (1, 2 * N_QKV)}.get(op, (1, N_QKV))
     x, idx, ws = make_inputs(batch, length, k, n_weights, n)
-    rope = rope_tables(length) if op == "gather_linear+rope" else None
+    rope = rope_tables(length) if op in ROPE_OPS else None
     fn = make_fn(op, variant, x, idx, ws, rope)
     out = fn()
     assert out.shape == (batch, k, n)
@@ -134,7 +140,8 @@ def test_bench_gather_linear(benchmark, batch, length, ratio, op, variant):
         if op == "gather_swiglu":
             want = reference.gather_swiglu(x, idx, ws[0], ws[1])
         else:
-            want = reference.gather_linear(x, idx, ws[0], rope=rope)
+            cols = n // 2 if op == "kv_proj" else None
+            want = reference.gather_linear(x, idx, ws[0], rope=rope, rope_cols=cols)
         torch.testing.assert_close(out.float(), want.float(), atol=6e-2, rtol=6e-2)
     harness.record(
         benchmark,
