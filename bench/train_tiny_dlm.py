@@ -6,25 +6,21 @@
 is the command that produced ``checkpoints/tiny-dlm`` (4 layers; tasks ``add`` and ``copy``; recorded in
 its ``training.json``): 1500 steps, 22 minutes on a shared 2-core CPU including the periodic
 evaluations. ``checkpoints/tiny-dlm-deep`` (8 layers; tasks ``sort`` and ``count``, answers over
-several blocks) came from two runs: 801 updates on ``sort`` and ``chain`` (which stayed far from exact
-in that budget, so the second run swapped it for the simpler chain ``count``),
+several blocks of 8) came from one run from scratch,
 
-    .venv/bin/python -m bench.train_tiny_dlm --out /tmp/tiny-dlm-deep-phase1 --tasks sort,chain \\
-        --n-layers 8 --steps 1700 --max-steps 801 --eval-every 400 --eval-problems 32 --threads 1 \\
-        --log-every 20 --task-batch 32
+    .venv/bin/python -m bench.train_tiny_dlm --out checkpoints/tiny-dlm-deep --tasks sort,count \\
+        --n-layers 8 --steps 4300 --lr 1e-3 --max-minutes 40 --eval-every 1000 --eval-problems 32 \\
+        --final-eval 128 --threads 2 --log-every 50 --task-batch 32 --block-rows 0.5
 
-then, from those weights with a fresh optimizer and schedule,
-
-    .venv/bin/python -m bench.train_tiny_dlm --out checkpoints/tiny-dlm-deep \\
-        --init /tmp/tiny-dlm-deep-phase1 --tasks sort,count --n-layers 8 --steps 900 --lr 1e-3 \\
-        --max-minutes 26 --eval-every 300 --eval-problems 32 --final-eval 128 --threads 1 \\
-        --log-every 20 --task-batch 32
-
-(its ``training.json`` has the steps reached and the time). One intra-op thread was several times
-faster than two there because other processes held the cores (OpenMP threads spin at barriers); on an
-idle machine ``--threads 2`` is the faster choice. ``--seed`` fixes the initialization, the problem
-streams and the masks (CPU float results can still differ across thread counts); ``--max-minutes``
-stops early, so on a busier machine the same command may stop at fewer steps.
+(its ``training.json`` has the steps reached and the time), on an otherwise idle 2-core machine.
+Half of each of its batches holds semi-autoregressive block masks (``--block-rows``, see
+:func:`llada_sft_loss`): with LLaDA's iid masks alone, earlier 8-layer runs (125 minutes in all) decoded
+the whole answer as one block almost perfectly but blocks of 8 at 61% / 45% exact, because iid masks
+never show a clean prefix in front of a fully masked suffix. On a machine where other processes hold the
+cores, ``--threads 1`` can be several times faster than two (OpenMP threads spin at barriers).
+``--seed`` fixes the initialization, the problem streams and the masks (CPU float results can still
+differ across thread counts); ``--max-minutes`` stops early, so on a busier machine the same command
+may stop at fewer steps.
 
 Model: LLaDA's block exactly (bidirectional attention, RMSNorm, SwiGLU ``silu(ff_proj(x)) *
 up_proj(x)``, rotate-half RoPE, no biases, untied LM head), written in plain PyTorch with LLaDA's
@@ -36,6 +32,8 @@ Objective: LLaDA's SFT loss. Per sequence a masking level ``t ~ U(0, 1]`` gives 
 eps``; each *answer* token (the answer and its EOS padding; the prompt is never masked) is replaced by
 ``<mask>`` with probability ``p``; the loss is the cross-entropy on the masked tokens weighted by
 ``1 / p``, summed per sequence, divided by the sequence's answer length and averaged over the batch.
+``--block-rows`` turns a fraction of each batch into semi-autoregressive rows (one block partly
+masked behind a clean prefix, everything after it masked, the same weighting over that block).
 
 Tasks (``spacache_kernels.integrations.tiny_tasks``, ``--tasks``; default 4-digit addition and
 64-letter copy): one batch of each per optimizer step, fresh problems every step from
@@ -234,22 +232,45 @@ def llada_sft_loss(
     mask_id: int,
     generator: torch.Generator | None = None,
     eps: float = MASK_EPS,
+    block_length: int | None = None,
+    block_rows: float = 0.0,
 ) -> torch.Tensor:
-    """LLaDA's SFT loss on one batch (scalar).
+    """LLaDA's SFT loss on one batch (scalar), optionally with semi-autoregressive rows.
 
-    prompt_ids (B, P), answer_ids (B, G) int64. Per row ``t ~ U(0, 1)``, ``p = (1 - eps) t + eps``;
-    answer tokens are masked independently with probability p; loss =
-    ``mean_b( sum_{masked i} CE_i / p_b ) / G``. A batch where nothing was masked gives 0.
+    prompt_ids (B, P), answer_ids (B, G) int64. Per row ``t ~ U(0, 1)``, ``p = (1 - eps) t + eps``.
+
+    * iid rows (LLaDA's SFT objective): answer tokens are masked independently with probability p;
+      the row's loss is ``sum_{masked i} CE_i / p / G``.
+    * block rows (the first ``round(block_rows * B)`` rows; needs ``block_length``, which divides G):
+      the state semi-autoregressive decoding is in when it works on block b. A block b is drawn
+      uniformly, the answer before it is clean, every token after it is ``<mask>``, and the tokens of
+      block b are masked independently with probability p; the row's loss is ``sum_{masked i in b}
+      CE_i / p / block_length`` (the same 1/p-weighted masked cross-entropy, restricted to the block
+      being denoised, as in block diffusion). iid masks almost never leave a long fully masked suffix
+      behind a clean prefix, so a model trained on them alone decodes one block of the whole answer
+      well and blocks of 8 much worse; these rows close that gap.
+
+    The loss is the mean of the row losses. A row where nothing was masked contributes 0.
     """
     batch, gen = answer_ids.shape
     t = torch.rand(batch, 1, generator=generator)
     p_mask = (1 - eps) * t + eps  # (B, 1)
     masked = torch.rand(batch, gen, generator=generator) < p_mask  # (B, G)
+    weight = masked / (p_mask * gen)  # (B, G) per-token loss weight
+    n_block = round(block_rows * batch) if block_length else 0
+    if n_block:
+        if gen % block_length:
+            raise ValueError(f"block_length: expected a divisor of the answer length {gen}, "
+                             f"got {block_length}")  # fmt: skip
+        blocks = torch.randint(gen // block_length, (n_block, 1), generator=generator)
+        pos = torch.arange(gen).unsqueeze(0) // block_length  # (1, G) block index of each position
+        in_block = pos == blocks  # (n_block, G)
+        masked[:n_block] = (masked[:n_block] & in_block) | (pos > blocks)
+        weight[:n_block] = (masked[:n_block] & in_block) / (p_mask[:n_block] * block_length)
     noisy = torch.where(masked, torch.full_like(answer_ids, mask_id), answer_ids)
     logits = model(torch.cat([prompt_ids, noisy], dim=1))[:, prompt_ids.shape[1] :]  # (B, G, V)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer_ids.reshape(-1), reduction="none")
-    weighted = ce.view(batch, gen) * masked / p_mask
-    return weighted.sum() / (batch * gen)
+    return (ce.view(batch, gen) * weight).sum() / batch
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,7 +385,10 @@ def train(args) -> dict:
         for name in tasks:
             batch = [TASKS[name].make(streams[name]) for _ in range(batch_sizes[name])]
             prompt_ids, answer_ids = encode_batch(tok, batch)
-            loss = llada_sft_loss(model, prompt_ids, answer_ids, tok.mask_token_id, gen)
+            loss = llada_sft_loss(
+                model, prompt_ids, answer_ids, tok.mask_token_id, gen,
+                block_length=TASKS[name].block_length, block_rows=args.block_rows,
+            )  # fmt: skip
             value = float(loss.detach())
             running[name] = 0.98 * running[name] + 0.02 * value if step else value  # smoothed, for the log
             total = total + loss
@@ -414,6 +438,7 @@ def train(args) -> dict:
         "parameters": n_params,
         "batch_sizes": batch_sizes,
         "lr": args.lr,
+        "block_rows": args.block_rows,
         "max_abs_logit_diff_vs_forward_dense": diff,
         "final_vanilla_accuracy": final,
         "eval_seed": args.eval_seed,
@@ -447,6 +472,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--copy-batch", type=int, default=16)
     parser.add_argument("--tasks", default="add,copy", help="comma-separated names from tiny_dlm.TASKS")
     parser.add_argument("--task-batch", type=int, default=32, help="batch of every task but add/copy")
+    parser.add_argument(
+        "--block-rows",
+        type=float,
+        default=0.0,
+        help="fraction of each batch with semi-AR block masks (0: LLaDA's iid masks only)",
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-problems", type=int, default=32)

@@ -286,3 +286,35 @@ def test_eval_skips_tasks_the_checkpoint_does_not_solve(tmp_path):
     (tmp_path / "training.json").write_text(json.dumps({"final_vanilla_accuracy": accuracy}))
     assert solved_tasks(tmp_path, ["sort", "count", "chain"]) == (["count", "chain"], {"sort": 0.1})
     assert solved_tasks(tmp_path / "nowhere", ["sort"]) == (["sort"], {})  # nothing documented: keep
+
+
+def test_block_rows_mask_a_clean_prefix_one_block_and_the_whole_suffix():
+    """--block-rows: the first rows hold the state semi-AR decoding sees (clean prefix, one partly masked
+    block, masked suffix) and only that block's masked tokens are scored, weighted by 1/(p * block)."""
+    from bench.train_tiny_dlm import llada_sft_loss
+
+    vocab, mask_id, block, gen = 10, 1, 4, 16
+    seen = {}
+
+    class Uniform(torch.nn.Module):
+        def forward(self, ids):
+            seen["ids"] = ids.clone()
+            return torch.zeros(*ids.shape, vocab)
+
+    rows = 4000
+    answers = torch.randint(2, vocab, (rows, gen))
+    prompts = torch.randint(2, vocab, (rows, 3))
+    loss = llada_sft_loss(Uniform(), prompts, answers, mask_id, torch.Generator().manual_seed(0),
+                          block_length=block, block_rows=0.5)  # fmt: skip
+    masked = seen["ids"][:, 3:] == mask_id  # (rows, gen)
+    for row in masked[: rows // 2 : 97]:  # block rows: clean prefix, a partly masked block, masked after
+        first = int(row.nonzero()[0]) if row.any() else gen
+        b = first // block
+        assert not row[: b * block].any() and row[(b + 1) * block :].all()
+    iid = masked[rows // 2 :]
+    holes = (iid[:, :-1] & ~iid[:, 1:]).sum(dim=1)  # a masked token followed by a clean one
+    assert (holes >= 2).float().mean() > 0.3  # the other rows keep LLaDA's iid masks
+    # suffix masks are not scored: the expected loss is still log(V) per scored token
+    assert abs(float(loss) - torch.log(torch.tensor(float(vocab)))) < 0.1
+    with pytest.raises(ValueError, match="block_length"):
+        llada_sft_loss(Uniform(), prompts[:8], answers[:8, :6], mask_id, block_length=4, block_rows=0.5)

@@ -39,8 +39,8 @@ from spacache_kernels.policies import (
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "checkpoints" / "tiny-dlm-deep"
-N_PROBLEMS = {"sort": 12, "count": 12}
-MARGIN = 0.2  # two misses of 12 below the documented held-out accuracy
+N_PROBLEMS = {"sort": 16, "count": 16}
+MARGIN = 0.13  # two misses of 16 below the documented held-out accuracy
 N_EQUAL = 2  # problems per task for the refresh-every-step equality (each policy decodes them once)
 
 
@@ -76,6 +76,7 @@ def test_checkpoint_is_deep_and_loads(model, tok, training):
     assert model.mask_id == tok.mask_token_id and model.config.vocab_size == tok.vocab_size
     assert checkpoint_tasks(CHECKPOINT) == list(N_PROBLEMS)
     assert training["seed"] == 0 and "--tasks sort,count" in training["command"]
+    assert training["init"] is None and training["train_seconds"] <= 45 * 60  # one run, about 40 minutes
     for task in N_PROBLEMS:
         spec = TASKS[task]
         assert 64 <= spec.gen_length <= 256 and 8 <= spec.block_length <= 32
@@ -123,9 +124,9 @@ def vanilla_tokens(model, tok):
 
 def test_vanilla_reaches_documented_accuracy(tok, training, vanilla_tokens):
     documented = training["final_vanilla_accuracy"]
-    # The shipped training budget reached about a quarter exact on both tasks (the 80% target was not
-    # met, see training.json); the documented figure must still be what vanilla decoding reproduces.
-    assert all(documented[task]["accuracy"] >= 0.4 for task in N_PROBLEMS), documented
+    # The checkpoint's bar: at least 80% exact on the 128 held-out problems of training.json, and
+    # vanilla decoding here must reproduce that figure.
+    assert all(documented[task]["accuracy"] >= 0.8 for task in N_PROBLEMS), documented
     for task, n in N_PROBLEMS.items():
         hits = exact_match(tok, heldout_problems(task, n), vanilla_tokens[task])
         assert sum(hits) / n >= documented[task]["accuracy"] - MARGIN, (task, hits, documented[task])

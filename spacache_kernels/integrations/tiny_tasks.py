@@ -14,7 +14,7 @@ blocks of a 64-token generation (blocks of 8):
 * ``sort``: 24 digits -> the same digits ascending (every answer token depends on the whole prompt);
 * ``count``: 32 bits -> the running count of 1s modulo 10 (each answer digit is the previous
   generated digit plus one prompt bit);
-* ``chain``: 32 digits, half of them 0 -> the running sum modulo 10 (its first training run only).
+* ``chain``: 32 digits, half of them 0 -> the running sum modulo 10 (not in the shipped checkpoint).
 
 Every task has a fixed prompt length and a fixed answer region (the answer followed by EOS up to the
 task's ``gen_length``), so a whole task is decoded by one ``generate(..., gen_length=...)`` call
@@ -114,8 +114,8 @@ def make_count(rng: random.Random, length: int = COUNT_LENGTH) -> Problem:
 
     The simplest arithmetic chain: answer digit j is ``answer[j-1] + s[j]`` modulo 10, a successor step
     gated by one prompt bit, so each step depends on the previous *generated* digit (counting the 1s of
-    the prompt directly is the hard way). The shipped deep checkpoint learned this within its budget;
-    ``chain`` (a 10 x 10 addition table per step) it did not.
+    the prompt directly is the hard way). An early 8-layer run did not learn ``chain`` (a 10 x 10
+    addition table per step) in its budget, so the shipped deep checkpoint trains on this one.
     """
     bits = [rng.randrange(2) for _ in range(length)]
     counts, total = [], 0
