@@ -44,7 +44,7 @@ SPA_RATIOS = (0.1, 0.5, 1.0)  # with the default row (max_update_ratio 0.25) the
 THRESHOLD = 0.9
 # Held-out problems per task (``make eval`` defaults), sized so that the whole run takes about a quarter
 # of an hour of one CPU core; docs/quality.md lists the interval half-widths they give.
-COUNTS = {"add": 256, "copy": 64, "sort": 64, "count": 64, "chain": 64}
+COUNTS = {"add": 256, "copy": 64, "sort": 128, "count": 128, "chain": 64}
 AUP_ALPHA = 3.0  # steepness of the accuracy penalty in aup()
 # Documented vanilla exact match below which a checkpoint's task is not evaluated: with fewer than one
 # problem in five right, exact-match differences between policies are noise at these set sizes.
@@ -83,7 +83,8 @@ def wilson_interval(correct: int, total: int, z: float = 1.96) -> tuple[float, f
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval contains p exactly: at p = 1 the rounded centre + half can land a hair below 1
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 def aup(points: list[tuple[float, float]], best: float, alpha: float = AUP_ALPHA) -> float:
@@ -348,9 +349,10 @@ def plot(reports: list[dict], path: pathlib.Path) -> None:
             t = r["tasks"][task]
             k = colour_of[_series(r)]
             lo, hi = t["ci95"]
+            below, above = max(0.0, t["accuracy"] - lo), max(0.0, hi - t["accuracy"])
             hollow = r["threshold"] is not None
             handle = ax.errorbar(
-                t["flops_ratio"], t["accuracy"], yerr=[[t["accuracy"] - lo], [hi - t["accuracy"]]],
+                t["flops_ratio"], t["accuracy"], yerr=[[below], [above]],
                 fmt=markers[k % len(markers)], ms=6, color=cmap(k % 20),
                 mfc="white" if hollow else cmap(k % 20), mec=cmap(k % 20) if hollow else "black",
                 mew=1.0, elinewidth=0.6, capsize=2, zorder=3,
@@ -401,17 +403,10 @@ def _training_line(name: str, training: dict | None) -> str:
     acc = training.get("final_vanilla_accuracy", {})
     diff = training.get("max_abs_logit_diff_vs_forward_dense", float("nan"))
     figures = ", ".join(f"{t} {v['accuracy']:.3f} ({v['correct']}/{v['problems']})" for t, v in acc.items())
-    runs = [r for r in (training.get("first_run"), training.get("second_run")) if r]
-    earlier = (
-        f" (continuing {len(runs)} earlier run(s) recorded in its training.json; "
-        f"{training['total_train_seconds'] / 60:.1f} min of training in all)"
-        if runs and "total_train_seconds" in training
-        else ""
-    )
     return (
         f"`{name}`: `{training.get('command')}` (seed {training.get('seed')}): "
         f"{training.get('parameters', 0) / 1e6:.2f}M parameters, {training.get('steps')} steps in "
-        f"{training.get('train_seconds', 0) / 60:.1f} min on this CPU{earlier}; vanilla exact match on "
+        f"{training.get('train_seconds', 0) / 60:.1f} min on this CPU; vanilla exact match on "
         f"held-out problems: {figures}; the export reproduces the training module's logits under "
         f"`DiffusionLM.forward_dense` to {diff:.1e}."
     )
@@ -466,7 +461,9 @@ Do not edit by hand; rerun `make eval`.
 ## Setting
 
 Models (LLaDA layout, trained by `bench/train_tiny_dlm.py` with LLaDA's masked-diffusion SFT
-objective on synthetic tasks with exact answers, `spacache_kernels/integrations/tiny_tasks.py`):
+objective on synthetic tasks with exact answers, `spacache_kernels/integrations/tiny_tasks.py`; a
+command with `--block-rows 0.5` gave half of each batch semi-autoregressive block masks — clean
+prefix, one block masked at rate p, masked suffix — the state block decoding is in):
 
 {models}
 
@@ -619,7 +616,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared CPU)")
     parser.add_argument("--json", default=None, help="output JSON (default bench/results/quality-*.json)")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/quality.md and the plot")
+    parser.add_argument("--render", default=None, metavar="JSON",
+                        help="rewrite the doc and plot from a saved run's JSON; decode nothing")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.render:
+        saved = json.loads(pathlib.Path(args.render).read_text())
+        reports = saved.pop("reports")
+        plot(reports, PLOT)
+        write_doc(reports, saved)
+        print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)} from {args.render}")
+        return 0
 
     counts = _parse_counts(args.count)
     checkpoints = [pathlib.Path(c) for c in (args.checkpoint or CHECKPOINTS)]

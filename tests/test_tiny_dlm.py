@@ -232,6 +232,10 @@ def test_wilson_interval_and_aup_on_hand_computed_cases():
     lo, hi = wilson_interval(8, 10)  # textbook value: [0.490, 0.943]
     assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
     assert wilson_interval(0, 5)[0] == 0.0 and wilson_interval(5, 5)[1] == 1.0
+    for total in (64, 128, 1000):  # the interval contains the proportion (128/128 once rounded below 1)
+        for correct in (0, 1, total - 1, total):
+            lo, hi = wilson_interval(correct, total)
+            assert lo <= correct / total <= hi
     with pytest.raises(ValueError, match="total"):
         wilson_interval(0, 0)
     # one point at TPF 1 and full accuracy: the accuracy itself
@@ -318,3 +322,25 @@ def test_block_rows_mask_a_clean_prefix_one_block_and_the_whole_suffix():
     assert abs(float(loss) - torch.log(torch.tensor(float(vocab)))) < 0.1
     with pytest.raises(ValueError, match="block_length"):
         llada_sft_loss(Uniform(), prompts[:8], answers[:8, :6], mask_id, block_length=4, block_rows=0.5)
+
+
+def test_eval_render_rewrites_the_doc_from_a_saved_run(tmp_path, monkeypatch):
+    """``--render JSON`` rebuilds docs/quality.md and the plot from a saved run without decoding."""
+    from bench import eval as quality
+
+    saved = tmp_path / "run.json"
+    previous = torch.get_num_threads()
+    try:
+        args = ["--checkpoint", str(CHECKPOINT), "--count", "add=2", "--count", "copy=1"]
+        assert quality.main([*args, "--json", str(saved), "--no-doc"]) == 0
+    finally:
+        torch.set_num_threads(previous)
+    monkeypatch.setattr(quality, "DOC", tmp_path / "quality.md")
+    monkeypatch.setattr(quality, "PLOT", tmp_path / "plot.png")
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
+    monkeypatch.setattr(quality, "evaluate", None)  # rendering must not decode
+    assert quality.main(["--render", str(saved)]) == 0
+    doc = (tmp_path / "quality.md").read_text()
+    run = json.loads(saved.read_text())
+    assert f"commit `{run['commit']}`" in doc and "| vanilla | add | " in doc
+    assert (tmp_path / "plot.png").stat().st_size > 0
