@@ -349,10 +349,9 @@ def plot(reports: list[dict], path: pathlib.Path) -> None:
             t = r["tasks"][task]
             k = colour_of[_series(r)]
             lo, hi = t["ci95"]
-            below, above = max(0.0, t["accuracy"] - lo), max(0.0, hi - t["accuracy"])
             hollow = r["threshold"] is not None
             handle = ax.errorbar(
-                t["flops_ratio"], t["accuracy"], yerr=[[below], [above]],
+                t["flops_ratio"], t["accuracy"], yerr=[[t["accuracy"] - lo], [hi - t["accuracy"]]],
                 fmt=markers[k % len(markers)], ms=6, color=cmap(k % 20),
                 mfc="white" if hollow else cmap(k % 20), mec=cmap(k % 20) if hollow else "black",
                 mew=1.0, elinewidth=0.6, capsize=2, zorder=3,
@@ -621,10 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.render:
         saved = json.loads(pathlib.Path(args.render).read_text())
-        reports = saved.pop("reports")
-        plot(reports, PLOT)
-        write_doc(reports, saved)
-        print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)} from {args.render}")
+        _write_doc_and_plot(saved.pop("reports"), saved)
         return 0
 
     counts = _parse_counts(args.count)
@@ -672,10 +668,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\nLosses against vanilla under the same rule\n" + format_losses(reports))
     print(f"\nJSON: {out_json}  ({meta['seconds']:.0f} s)")
     if not args.no_doc:
-        plot(reports, PLOT)
-        write_doc(reports, meta)
-        print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+        _write_doc_and_plot(reports, meta)
     return 0
+
+
+def _write_doc_and_plot(reports: list[dict], meta: dict) -> None:
+    plot(reports, PLOT)
+    write_doc(reports, meta)
+    print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)} (run at commit {meta['commit']})")
 
 
 if __name__ == "__main__":

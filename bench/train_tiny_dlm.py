@@ -264,9 +264,9 @@ def llada_sft_loss(
                              f"got {block_length}")  # fmt: skip
         blocks = torch.randint(gen // block_length, (n_block, 1), generator=generator)
         pos = torch.arange(gen).unsqueeze(0) // block_length  # (1, G) block index of each position
-        in_block = pos == blocks  # (n_block, G)
-        masked[:n_block] = (masked[:n_block] & in_block) | (pos > blocks)
-        weight[:n_block] = (masked[:n_block] & in_block) / (p_mask[:n_block] * block_length)
+        scored = masked[:n_block] & (pos == blocks)  # (n_block, G): the block's own masked tokens
+        masked[:n_block] = scored | (pos > blocks)
+        weight[:n_block] = scored / (p_mask[:n_block] * block_length)
     noisy = torch.where(masked, torch.full_like(answer_ids, mask_id), answer_ids)
     logits = model(torch.cat([prompt_ids, noisy], dim=1))[:, prompt_ids.shape[1] :]  # (B, G, V)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), answer_ids.reshape(-1), reduction="none")
